@@ -1,0 +1,6 @@
+"""swinlab: Swin Transformer V2 and its neighbours as one tested PyTorch toolkit."""
+
+from swinlab.models.registry import create_model, list_models
+
+__all__ = ["create_model", "list_models"]
+__version__ = "0.1.0"

@@ -1,0 +1,278 @@
+"""Experiment configuration: frozen dataclasses read from YAML recipes plus ``--set key=value`` overrides.
+
+Why dataclasses and not a free-form dict: a typo in a recipe (``optim.lr_rate``) must fail at load time with the
+list of valid keys, not be ignored for a whole training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "swinv2_cpu_fashion"
+    """A registered model name (``swinlab models`` lists them)."""
+    num_classes: int | None = None
+    """Classifier size; ``None`` takes the dataset's class count."""
+    pretrained: str | None = None
+    """Path to an official or swinlab checkpoint loaded before training."""
+    grad_checkpointing: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor overrides, e.g. ``{drop_path_rate: 0.2, window_size: 16}``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    name: str = "fashion_mnist_embedded"
+    """``fashion_mnist_embedded`` (ships with swinlab), ``fashion_mnist`` (IDX files in ``root``),
+    ``imagefolder`` (``root/train/<class>/*``, ``root/val/<class>/*``), ``cifar10`` / ``cifar100``
+    (the python pickle batches in ``root``)."""
+    root: str | None = None
+    img_size: int = 32
+    in_chans: int | None = None
+    """``None``: keep the dataset's channels (1 for Fashion-MNIST, 3 for RGB sets)."""
+    batch_size: int = 64
+    """Per-process batch size; the global batch is ``batch_size * world_size * accum_steps``."""
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    augment: str = "standard"
+    """``standard`` (random resized crop + flip, as the Swin recipes), ``light`` (pad-crop + flip), ``none``."""
+    hflip: bool = True
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    train_limit: int | None = None
+    """Use only the first N training samples (quick experiments)."""
+    val_limit: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: str = "adamw"
+    """``adamw`` or ``sgd``."""
+    lr: float = 1e-3
+    """Peak learning rate for the global batch (no implicit linear scaling)."""
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"
+    """``cosine`` (per-iteration, after a linear warm-up) or ``constant``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 10
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    """Mixup alpha (0 disables)."""
+    cutmix: float = 0.0
+    """CutMix alpha (0 disables)."""
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    clip_grad: float | None = 5.0
+    accum_steps: int = 1
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (autocast), or ``fp8-o1`` / ``fp8-o2`` / ``fp8-o3`` (planned: FP8-LM)."""
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    """``auto`` picks CUDA when present, else CPU."""
+    output_dir: str = "runs/default"
+    resume: bool = True
+    """Continue from ``output_dir/checkpoint.pt`` when it exists."""
+    eval_every: int = 1
+    tensorboard: bool = False
+    compile: bool = False
+    log_every: int = 10
+    max_steps_per_epoch: int | None = None
+    """Cut each epoch short (smoke tests)."""
+    threads: int | None = None
+    """``torch.set_num_threads`` for CPU runs; ``None`` leaves torch's default."""
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {where + key!r}{hint} (valid: {', '.join(valid)})")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type, naming the key on failure."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where + ".")
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, item_tp, where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise _unknown_key(key, types_, where)
+        kwargs[key] = _coerce(value, types_[key], where + key)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``optim.lr=3e-4`` -> ``("optim.lr", 3e-4)``; the value is parsed as YAML so lists and numbers work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 3e-4 as a string (it wants 3.0e-4); accept what Python would.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (lists for tuples) suitable for YAML and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(values).__name__}")
+    return _build(TrainConfig, values)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe; a top-level ``base: other.yaml`` (relative to this file) is read first and deep-merged under it,
+    so a variant recipe states only what differs from its parent."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: circular 'base:' chain")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, (*chain, path.resolve())), loaded)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    values = _read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(values, key, value)
+    try:
+        return from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None

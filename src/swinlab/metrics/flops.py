@@ -1,0 +1,90 @@
+"""Model cost: parameters, FLOPs and training activation memory, measured rather than estimated by formula.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (it counts a multiply-add as 2 FLOPs, so halve the
+number to compare with papers that quote "GFLOPs" meaning multiply-accumulates). Activation memory is the size of
+the tensors autograd keeps for the backward pass of one training forward, counted once per storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    params: int
+    trainable_params: int
+    flops_per_sample: float
+    """Forward FLOPs for one sample (2 per multiply-add)."""
+    activation_bytes_per_sample: float
+    """Bytes autograd saves for backward in a training forward, per sample."""
+    input_shape: tuple[int, ...]
+
+    def format(self) -> str:
+        return "\n".join(
+            [
+                f"input             {'x'.join(map(str, self.input_shape))}",
+                f"params            {self.params / 1e6:.2f} M ({self.trainable_params / 1e6:.2f} M trainable)",
+                f"FLOPs / sample    {self.flops_per_sample / 1e9:.3f} GFLOP "
+                f"({self.flops_per_sample / 2e9:.3f} GMAC)",
+                f"activations       {self.activation_bytes_per_sample / 2**20:.1f} MiB / sample (training, fp32)",
+            ]
+        )
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one eval-mode forward over the batch ``x``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves during one training-mode forward of ``x``."""
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+    finally:
+        model.train(was_training)
+    return sum(seen.values())
+
+
+def measure(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
+    """Params, FLOPs and activation memory of ``model`` for inputs of ``input_shape`` (batch first)."""
+    device = next(model.parameters()).device
+    x = torch.randn(input_shape, device=device)
+    batch = input_shape[0]
+    total, trainable = count_params(model)
+    return ModelCost(
+        params=total,
+        trainable_params=trainable,
+        flops_per_sample=forward_flops(model, x) / batch,
+        activation_bytes_per_sample=activation_bytes(model, x) / batch,
+        input_shape=tuple(input_shape),
+    )
