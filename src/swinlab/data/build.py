@@ -1,0 +1,126 @@
+"""``build(cfg.data)``: the one place a DataConfig becomes train/val loaders the engine can use unchanged."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from swinlab.config import DataConfig
+from swinlab.data.cifar import CIFAR
+from swinlab.data.idx import FashionMNIST
+from swinlab.data.imagefolder import ImageFolder
+from swinlab.data.loading import TransformedDataset, collate_skip_none
+from swinlab.data.samplers import SeededDistributedSampler, ShardSampler
+from swinlab.data.transforms import ImageTransform
+
+DATASETS = ("fashion_mnist_embedded", "fashion_mnist", "imagefolder", "cifar10", "cifar100")
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's ``dataset-fashion-mnist`` puts the full set: the default root of ``fashion_mnist``."""
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """What the engine needs from the data side; ``train_size`` / ``val_size`` count all ranks together."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    in_chans: int
+    class_names: list[str]
+    train_size: int
+    val_size: int
+
+
+def _root(cfg: DataConfig, what: str) -> Path:
+    if cfg.root is None:
+        raise ValueError(f"data.root is required for data.name={cfg.name!r} ({what})")
+    return Path(cfg.root).expanduser()
+
+
+def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """The raw (uint8 CHW) train and val sets for ``cfg.name``."""
+    name = cfg.name
+    if name == "fashion_mnist_embedded":
+        return FashionMNIST(EMBEDDED_DIR, train=True), FashionMNIST(EMBEDDED_DIR, train=False)
+    if name == "fashion_mnist":
+        if cfg.root is None and DEBIAN_FASHION_MNIST.is_dir():
+            root = DEBIAN_FASHION_MNIST
+        else:
+            root = _root(cfg, "the folder with train-images-idx3-ubyte.gz etc.")
+        return FashionMNIST(root, train=True), FashionMNIST(root, train=False)
+    if name in ("cifar10", "cifar100"):
+        n = int(name[5:])
+        root = _root(cfg, f"cifar-{n}{'-batches-py' if n == 10 else '-python'} or the folder holding it")
+        return CIFAR(root, train=True, num_classes=n), CIFAR(root, train=False, num_classes=n)
+    if name == "imagefolder":
+        root = _root(cfg, "a folder with train/<class>/* and val/<class>/*")
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder root not found: {root}")
+        channels = cfg.in_chans or 3
+        train = ImageFolder(root / "train", channels=channels)
+        return train, ImageFolder(root / "val", channels=channels, classes=train.classes)
+    close = difflib.get_close_matches(name, DATASETS, n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown dataset data.name={name!r}{hint} (choose from {', '.join(DATASETS)})")
+
+
+def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Train loader: ``DistributedSampler`` semantics (call ``sampler.set_epoch``), random augmentation.
+    Val loader: ``rank::world_size`` shard without padding, deterministic transform. Batches are
+    ``(float32 NCHW normalised, int64 labels)``; unreadable samples are dropped, so a batch may be short."""
+    if cfg.batch_size < 1 or (cfg.eval_batch_size is not None and cfg.eval_batch_size < 1):
+        raise ValueError(
+            f"batch sizes must be >= 1, got batch_size={cfg.batch_size}, "
+            f"eval_batch_size={cfg.eval_batch_size}"
+        )
+    if cfg.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    train_src, val_src = _sources(cfg)
+    in_chans = train_src.channels
+    out_chans = cfg.in_chans or in_chans
+
+    def transform(train: bool) -> ImageTransform:
+        return ImageTransform(
+            cfg.img_size, train=train, augment=cfg.augment, hflip=cfg.hflip, mean=cfg.mean or train_src.mean,
+            std=cfg.std or train_src.std, in_chans=in_chans, out_chans=out_chans,
+        )  # fmt: skip
+
+    train_set = TransformedDataset(train_src, transform(True), cfg.train_limit)
+    val_set = TransformedDataset(val_src, transform(False), cfg.val_limit)
+    train_sampler = SeededDistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
+    collate = functools.partial(collate_skip_none, sample_shape=(out_chans, cfg.img_size, cfg.img_size))
+
+    # Each loader gets its own generator so it never draws from the global RNG: otherwise persistent workers
+    # (no draw after the first epoch) would shift the sampler's per-epoch seed draw relative to num_workers=0.
+    def loader(dataset: TransformedDataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate,
+        )
+
+    # drop_last keeps batch statistics steady, but never for a set that is a single batch or less
+    train_loader = loader(train_set, cfg.batch_size, train_sampler, len(train_sampler) > cfg.batch_size)
+    val_sampler = ShardSampler(len(val_set), rank, world_size)
+    val_loader = loader(val_set, cfg.eval_batch_size or cfg.batch_size, val_sampler, drop_last=False)
+    return DataBundle(
+        train_loader=train_loader,
+        val_loader=val_loader,
+        num_classes=len(train_src.classes),
+        in_chans=out_chans,
+        class_names=list(train_src.classes),
+        train_size=len(train_set),
+        val_size=len(val_set),
+    )

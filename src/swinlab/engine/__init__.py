@@ -1,0 +1,42 @@
+"""The one training/evaluation engine every swinlab workload runs on.
+
+Public surface:
+
+- running: :func:`train` (from a config), :func:`evaluate` (a run folder or checkpoint),
+  :func:`fit` (any model, task, optimizer and loaders), :func:`run_evaluation`
+- tasks: :class:`Task` (protocol), :class:`ClassificationTask`
+- parts: :func:`build_optimizer`, :func:`param_groups`, :class:`LRSchedule`, :func:`build_schedule`,
+  :mod:`~swinlab.engine.precision` (``wrap``), :func:`save_checkpoint`, :func:`load_checkpoint`,
+  :class:`CheckpointError`, :class:`DistEnv`, :func:`init_distributed`
+"""
+
+from swinlab.engine import precision
+from swinlab.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from swinlab.engine.distributed import DistEnv, init_distributed
+from swinlab.engine.loop import fit, run_evaluation
+from swinlab.engine.optim import build_optimizer, param_groups
+from swinlab.engine.schedule import LRSchedule, build_schedule
+from swinlab.engine.tasks import ClassificationTask, Task
+from swinlab.engine.trainer import evaluate, train
+
+__all__ = [  # noqa: RUF022 - grouped by purpose, as the module docstring
+    # running
+    "evaluate",
+    "fit",
+    "run_evaluation",
+    "train",
+    # tasks
+    "ClassificationTask",
+    "Task",
+    # parts
+    "CheckpointError",
+    "DistEnv",
+    "LRSchedule",
+    "build_optimizer",
+    "build_schedule",
+    "init_distributed",
+    "load_checkpoint",
+    "param_groups",
+    "precision",
+    "save_checkpoint",
+]

@@ -1,0 +1,62 @@
+"""Per-iteration learning-rate schedules as pure functions of the optimizer step.
+
+The schedule holds no state beyond its constants, so resuming needs only the step counter from the checkpoint.
+Shape follows the official Swin recipe (timm ``CosineLRScheduler`` with ``t_in_epochs=False`` and a warm-up
+prefix): linear from ``warmup_lr`` to ``lr`` over the warm-up steps, then a half cosine from ``lr`` down to
+``min_lr`` over the remaining steps, and ``min_lr`` after the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from swinlab.config import OptimConfig
+
+KINDS = ("cosine", "constant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LRSchedule:
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    warmup_steps: int
+    total_steps: int
+    kind: str = "cosine"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown LR schedule {self.kind!r} (choose one of {', '.join(KINDS)})")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be between 0 and total_steps={self.total_steps}"
+            )
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for the optimizer update with 0-based index ``step``."""
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        if self.kind == "constant":
+            return self.lr
+        decay_steps = self.total_steps - self.warmup_steps
+        if decay_steps == 0 or step >= self.total_steps:
+            return self.min_lr
+        progress = (step - self.warmup_steps) / decay_steps
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_schedule(cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> LRSchedule:
+    """The schedule of ``cfg`` for a run of ``epochs`` epochs of ``steps_per_epoch`` optimizer updates."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is the training set empty?)")
+    total = steps_per_epoch * epochs
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    return LRSchedule(
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr,
+        warmup_steps=warmup,
+        total_steps=total,
+        kind=cfg.schedule,
+    )
