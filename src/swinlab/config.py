@@ -6,6 +6,8 @@ list of valid keys, not be ignored for a whole training run.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import difflib
 import types
@@ -19,7 +21,7 @@ import yaml
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    name: str = "swinv2_cpu_fashion"
+    name: str = "swinv2_nano_window4_32"
     """A registered model name (``swinlab models`` lists them)."""
     num_classes: int | None = None
     """Classifier size; ``None`` takes the dataset's class count."""
@@ -207,11 +209,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     value = yaml.safe_load(raw) if raw.strip() else ""
     # YAML reads 3e-4 as a string (it wants 3.0e-4); accept what Python would.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
     return key, value
+
+
+def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """A deep copy of the nested ``values`` with each ``key=value`` override applied."""
+    values = copy.deepcopy(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(values, key, value)
+    return values
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -268,10 +277,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    values = _read_yaml(Path(path)) if path is not None else {}
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(values, key, value)
+    values = apply_overrides(_read_yaml(Path(path)) if path is not None else {}, overrides)
     try:
         return from_dict(values)
     except ConfigError as e:

@@ -183,10 +183,17 @@ class _Fit:
             is_last = i - first == group - 1
             if i == first:
                 stats.lr = self._set_lr(self.schedule.lr_at(self.state.step))
+            n = batch_len(batch)
+            if n == 0 and not self.env.distributed:
+                # Every sample of this batch was unreadable: nothing to learn from (under DDP the empty batch
+                # still runs, its NaN loss makes every rank skip the update together).
+                bar.update(1)
+                if is_last:
+                    self._optimizer_step(group_finite, stats)
+                continue
             loss = self._micro_step(batch, group, sync=is_last)
             finite = torch.isfinite(loss)
             group_finite &= finite
-            n = batch_len(batch)
             stats.seen += n
             stats.loss_sum += torch.where(finite, loss.double() * n, zero)
             stats.loss_count += finite.double() * n

@@ -5,7 +5,6 @@ Each part is built by a small named helper; the loop itself is :func:`swinlab.en
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swinlab.config import TrainConfig, _set_path, from_dict, parse_override
+from swinlab.config import TrainConfig, apply_overrides, from_dict
 from swinlab.engine import precision
 from swinlab.engine.checkpoint import load_checkpoint
 from swinlab.engine.distributed import DistEnv, init_distributed, shutdown
@@ -118,11 +117,7 @@ def _checkpoint_path(run_or_checkpoint: str | Path) -> Path:
 
 def config_from_checkpoint(ckpt: dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
     """The run's stored config with ``key=value`` overrides applied (e.g. ``data.root=/elsewhere``)."""
-    values = copy.deepcopy(ckpt["config"])
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(values, key, value)
-    return from_dict(values)
+    return from_dict(apply_overrides(ckpt["config"], overrides))
 
 
 def evaluate(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -1,0 +1,336 @@
+"""Swin V2 throughput on CPU: swinlab against timm and torchvision, measured in the same run.
+
+Every (implementation, mode) pair runs in its own subprocess so peak RSS is its own. All implementations get the same
+official-layout weights (made once from a seeded swinlab model) and the same input; their logits are compared before
+timing, so the speed numbers are for models that compute the same function.
+
+timm and torchvision cannot be installed beside the torch 2.13 CPU wheel (see README, "Benchmarks"), so they run in a
+second interpreter given by ``--peer-python`` (a venv with torch 2.14.1 + torchvision 0.29.1 + timm; swinlab installed
+there with ``pip install --no-deps -e .`` is measured on that torch too, the fairest ratio).
+
+    python benchmarks/bench_swin.py --peer-python /path/to/peerenv/bin/python --threads 2
+
+Protocol: eval()+inference_mode forward ("infer") and train()+forward+cross-entropy+backward+AdamW step ("train"),
+``--warmup`` untimed then ``--iters`` timed iterations, median wall time; FLOPs from FlopCounterMode on one forward
+(train counted as 3x forward); "busy" is the share of the machine other processes used during the timed loop
+(from /proc/stat) — rows with busy above a few percent were disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "swinv2_tiny_window8_256"
+
+
+def _proc_stat() -> tuple[float, float]:
+    """(total jiffies, idle jiffies) of the whole machine."""
+    with open("/proc/stat") as f:
+        fields = [float(v) for v in f.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def build(impl: str, weights: str | None):
+    """Model of ``impl`` with the shared official-layout weights loaded."""
+    import torch
+
+    if impl.startswith("swinlab"):
+        from swinlab import create_model
+        from swinlab.models.checkpoints import load_official
+
+        model = create_model(MODEL)
+        if weights:
+            load_official(model, weights)
+        if impl.endswith("+compile"):
+            model = torch.compile(model)
+        return model
+    state = torch.load(weights, map_location="cpu", weights_only=True) if weights else None
+    if impl == "timm":
+        import timm
+        from timm.models.swin_transformer_v2 import checkpoint_filter_fn
+
+        model = timm.create_model(MODEL)
+        if state is not None:
+            model.load_state_dict(checkpoint_filter_fn(state, model))
+        return model
+    if impl == "torchvision":
+        import torchvision
+
+        model = torchvision.models.swin_v2_t()
+        if state is not None:
+            missing, unexpected = model.load_state_dict(official_to_torchvision(state), strict=False)
+            missing = [k for k in missing if "relative_" not in k]
+            if missing or unexpected:
+                raise RuntimeError(f"torchvision key map incomplete: {missing[:5]} {unexpected[:5]}")
+        return model
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def official_to_torchvision(state: dict) -> dict:
+    """Official Swin V2 keys -> torchvision's swin_v2_* layout (stages are features.1,3,5,7; merges 2,4,6)."""
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        if any(s in key for s in ("relative_position_index", "relative_coords_table", "attn_mask")):
+            continue
+        parts = key.split(".")
+        if parts[0] == "patch_embed":
+            key = key.replace("patch_embed.proj", "features.0.0").replace("patch_embed.norm", "features.0.2")
+        elif parts[0] == "layers":
+            stage = int(parts[1])
+            if parts[2] == "downsample":
+                key = ".".join(["features", str(2 * stage + 2), *parts[3:]])
+            else:
+                rest = ".".join(parts[5:]).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+                key = f"features.{2 * stage + 1}.{parts[4]}.{rest}"
+                if key.endswith("attn.q_bias"):
+                    v_bias = state[".".join([*parts[:-1], "v_bias"])]
+                    key = key.replace("q_bias", "qkv.bias")
+                    value = torch.cat([value, torch.zeros_like(value), v_bias])
+                elif key.endswith("attn.v_bias"):
+                    continue
+        out[key] = value
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+    model = build(args.impl, args.weights)
+    result: dict = {"impl": args.impl, "mode": args.mode, "torch": torch.__version__}
+    x = torch.randn(args.batch, 3, args.img, args.img)
+    if args.mode == "check":
+        model.eval()
+        with torch.inference_mode():
+            torch.save(model(torch.load(args.input, weights_only=True)), args.output)
+        return
+    if args.mode == "flops":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x[:1])
+        result["flops_per_sample"] = counter.get_total_flops()
+        print(json.dumps(result))
+        return
+    if args.mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+    else:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        y = torch.randint(0, 1000, (args.batch,))
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    total0, idle0 = _proc_stat()
+    cpu0 = _own_cpu()
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    total1, idle1 = _proc_stat()
+    ticks = os.sysconf("SC_CLK_TCK")
+    machine_busy = (total1 - total0) - (idle1 - idle0)
+    others = max(0.0, machine_busy / ticks - (_own_cpu() - cpu0)) * ticks
+    result.update(
+        median_s=statistics.median(times),
+        times=times,
+        imgs_per_s=args.batch / statistics.median(times),
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        busy_others=others / max(total1 - total0, 1),
+    )
+    print(json.dumps(result))
+
+
+def gemm_peak(threads: int, n: int = 2048, iters: int = 10) -> float:
+    """fp32 GEMM GFLOP/s on this machine with ``threads`` threads (best of ``iters``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(iters))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        "--impl",
+        impl,
+        "--mode",
+        mode,
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+        "--img",
+        str(args.img),
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--weights",
+        args.weights,
+    ]
+    for key, value in extra.items():
+        cmd += [f"--{key}", str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"  {impl}/{mode} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def available(python: str, impl: str) -> bool:
+    module = {"timm": "timm", "torchvision": "torchvision"}.get(impl, "swinlab")
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-python", default=None, help="interpreter with timm + torchvision (torch 2.14.1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd swinlab")
+    parser.add_argument("--json", default=None, help="write all raw results here")
+    # worker-only arguments
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    from swinlab import create_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_swin_"))
+    torch.manual_seed(0)
+    reference = create_model(MODEL)
+    for name, p in reference.named_parameters():  # non-trivial weights so a wrong layout cannot pass the check
+        if "norm" in name:
+            with torch.no_grad():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
+    args.weights = str(tmp / "weights.pt")
+    torch.save({"model": reference.state_dict()}, args.weights)
+    torch.save(torch.randn(2, 3, args.img, args.img), tmp / "input.pt")
+
+    impls = [(sys.executable, "swinlab")]
+    if args.compile:
+        impls.append((sys.executable, "swinlab+compile"))
+    if args.peer_python:
+        for impl in ("swinlab", "timm", "torchvision"):
+            if available(args.peer_python, impl):
+                impls.append((args.peer_python, impl))
+            else:
+                print(f"  {impl} not importable with {args.peer_python}; skipped", file=sys.stderr)
+
+    print(f"fp32 GEMM peak ({args.threads} threads): ", end="", flush=True)
+    peak = gemm_peak(args.threads)
+    print(f"{peak:.0f} GFLOP/s")
+    rows, outputs = [], {}
+    flops = None
+    for python, impl in impls:
+        out = tmp / f"{impl}-{Path(python).parent.parent.name}.pt"
+        run_worker(python, impl, "check", args, input=tmp / "input.pt", output=out)
+        if out.exists():
+            outputs[(python, impl)] = torch.load(out, weights_only=True)
+        if flops is None:
+            flops = run_worker(python, impl, "flops", args)["flops_per_sample"]
+        for mode in ("infer", "train"):
+            print(f"  {impl:<16} {mode:<5} torch {python}", flush=True)
+            res = run_worker(python, impl, mode, args)
+            if res:
+                rows.append(res)
+    base = outputs[(sys.executable, "swinlab")]
+    diffs = {
+        f"{impl} ({Path(py).parent.parent.name})": float((o - base).abs().max()) for (py, impl), o in outputs.items()
+    }
+    report(rows, flops, peak, args, diffs)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"rows": rows, "flops_per_sample": flops, "gemm_peak": peak, "max_abs_logit_diff_vs_swinlab": diffs},
+                indent=1,
+            )
+        )
+
+
+def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace, diffs: dict) -> None:
+    print(
+        f"\n{MODEL}, batch {args.batch}, {args.img}x{args.img}, {args.threads} threads, "
+        f"median of {args.iters} after {args.warmup} warm-up; {flops / 1e9:.2f} GFLOP/sample forward"
+    )
+    print("| impl | torch | mode | img/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB | busy* |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        work = flops * args.batch * (3 if r["mode"] == "train" else 1)
+        gflops = work / r["median_s"] / 1e9
+        print(
+            f"| {r['impl']} | {r['torch']} | {r['mode']} | {r['imgs_per_s']:.2f} | {r['median_s'] * 1e3:.0f} | "
+            f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | {100 * r['busy_others']:.0f}% |"
+        )
+    for mode in ("infer", "train"):
+        ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab"]
+        peers = [r for r in rows if r["mode"] == mode and r["impl"] in ("timm", "torchvision")]
+        if ours and peers:
+            best = max(peers, key=lambda r: r["imgs_per_s"])
+            for r in ours:
+                print(
+                    f"{mode}: swinlab (torch {r['torch']}) / fastest peer ({best['impl']}) = "
+                    f"{r['imgs_per_s'] / best['imgs_per_s']:.2f}x img/s, "
+                    f"peak RSS {r['peak_rss_mib'] / best['peak_rss_mib']:.2f}x"
+                )
+    print("max |logits - swinlab logits| on the shared weights:", {k: f"{v:.2e}" for k, v in diffs.items()})
+
+
+if __name__ == "__main__":
+    main()

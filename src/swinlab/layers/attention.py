@@ -1,0 +1,208 @@
+"""Window attention: V2 scaled cosine attention with continuous position bias, and V1 dot-product attention
+with a learned bias table (used by Video Swin). Both run through ``F.scaled_dot_product_attention`` on windows
+laid out ``(B, num_windows, N, C)``; geometry-dependent parts (masks, indices) come from
+:mod:`swinlab.layers.windows`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swinlab.layers.position import (
+    continuous_position_bias,
+    cpb_mlp,
+    gather_relative_bias,
+    log_spaced_coords,
+    relative_bias_table_size,
+)
+from swinlab.layers.windows import WindowGeometry, window_mask
+
+LOGIT_SCALE_MAX = float(torch.log(torch.tensor(1.0 / 0.01)))
+"""Ceiling of the V2 logit scale, ln(100) rounded to float32 exactly like the official constant."""
+
+
+def windowed_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Attention over ``(B, nW, h, N, d)`` inputs with an additive ``bias`` of shape ``(h, N, N)`` (same for
+    every window) or ``(nW, h, N, N)`` (per window: position bias + mask), no extra scaling.
+
+    The inputs are folded to 4D with a 4D mask because that is what the fused CPU/CUDA kernels accept (5D
+    inputs or 2-3D masks fall back to the unfused path, ~3x slower on CPU).
+    """
+    b, nw, h, n, d = q.shape
+    if bias.dim() == 3:
+        shape, mask = (b * nw, h, n, d), bias[None]
+    else:
+        shape, mask = (b, nw * h, n, d), bias.flatten(0, 1)[None]
+    out = F.scaled_dot_product_attention(
+        q.reshape(shape),
+        k.reshape(shape),
+        v.reshape(shape),
+        attn_mask=mask.to(q.dtype),
+        dropout_p=dropout_p,
+        scale=1.0,
+    )
+    return out.view(b, nw, h, n, d)
+
+
+class _WindowAttention(nn.Module):
+    """Shared projection / head handling; subclasses define the logits (``_scale_qk``) and the position bias."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide the channel count {dim}")
+        self.dim, self.num_heads = dim, num_heads
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: dict = {}
+
+    def _qkv_bias(self) -> torch.Tensor | None:
+        return self.qkv.bias
+
+    def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """Turn stacked ``(2, ..., h, N, d)`` queries and keys into the SDPA inputs (logits = q' k'^T)."""
+        raise NotImplementedError
+
+    def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
+        """``(heads, N, N)`` additive bias for a window of this shape."""
+        raise NotImplementedError
+
+    def _cache_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    def attention_bias(self, geom: WindowGeometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Position bias plus the window mask, ``(h, N, N)`` or ``(nW, h, N, N)``.
+
+        In inference (eval mode, no autograd) the sum is cached per geometry and invalidated when any
+        parameter of this module changes (its version counter moves on every in-place update, e.g. optimizer
+        steps or ``load_state_dict``).
+        """
+        cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        if cacheable:
+            key = (geom, device, dtype, self._cache_key())
+            cached = self._bias_cache.get(key)
+            if cached is not None:
+                return cached
+        bias = self.position_bias(geom.window)
+        mask = window_mask(geom, device)
+        if mask is not None:
+            bias = bias[None] + mask[:, None]
+        bias = bias.to(dtype)
+        if cacheable:
+            if len(self._bias_cache) >= 4:
+                self._bias_cache.clear()
+            self._bias_cache[key] = bias
+        return bias
+
+    def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+        """``x``: windows ``(B, nW, N, C)`` produced for ``geom``; returns the same shape."""
+        b, nw, n, c = x.shape
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias()).view(b, nw, n, 3, self.num_heads, -1)
+        qkv = qkv.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d), a view
+        bias = self.attention_bias(geom, x.device, qkv.dtype)
+        if bias.dim() == 4:
+            # A per-window bias makes SDPA fold windows into heads, which needs this layout in memory (one
+            # copy); with a shared bias, windows fold into the batch and strided views suffice.
+            qkv = qkv.contiguous()
+        q, k = self._scale_qk(qkv[:2]).unbind(0)
+        out = windowed_sdpa(q, k, qkv[2], bias, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(2, 3).reshape(b, nw, n, c)))
+
+
+class WindowAttentionV2(_WindowAttention):
+    """Swin V2 attention: ``cos(q, k) * exp(min(logit_scale, ln 100)) + 16 sigmoid(CPB)``.
+
+    Parameters and names follow the official module (``qkv`` without bias, separate ``q_bias`` / ``v_bias``,
+    the key bias fixed at zero, ``logit_scale`` (h, 1, 1), ``cpb_mlp``). ``pretrained_window`` is the window
+    the weights were trained with (0 = the current effective window), which sets the CPB coordinate
+    normalisation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        pretrained_window: tuple[int, ...] = (0, 0),
+    ) -> None:
+        super().__init__(dim, num_heads, attn_drop, proj_drop)
+        self.pretrained_window = tuple(pretrained_window)
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = cpb_mlp(num_heads, rank=len(self.pretrained_window))
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+
+    def _qkv_bias(self) -> torch.Tensor | None:
+        if self.q_bias is None:
+            return None
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
+    def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        # cos(q, k) * s = (q * s / |q|) . (k / |k|): one norm and one multiply for both, and SDPA runs with
+        # scale=1 and the bias as an additive mask. eps as in F.normalize.
+        scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+        factor = torch.stack([scale, torch.ones_like(scale)])[:, None, None]  # (2, 1, 1, h, 1, 1)
+        inv_norm = factor / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12)
+        return qk * inv_norm.to(qk.dtype)  # autocast computes the norm in float32; keep q/k in qk's dtype
+
+    def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
+        return continuous_position_bias(self.cpb_mlp, window, self._pretrained_for(window))
+
+    def _pretrained_for(self, window: tuple[int, ...]) -> tuple[int, ...]:
+        return self.pretrained_window if any(self.pretrained_window) else (0,) * len(window)
+
+    def coords_table(self, window: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The CPB input for ``window`` (the official ``relative_coords_table`` without its leading 1)."""
+        return log_spaced_coords(tuple(window), self._pretrained_for(window), device)
+
+
+class WindowAttentionV1(_WindowAttention):
+    """Swin V1 / Video Swin attention: ``q k^T * d^-0.5 + table[index]`` with a learned per-offset bias table.
+
+    The table is sized for ``window`` (any rank); a smaller effective window is served by an index built for
+    that window from the matching sub-block of offsets (not the official ``index[:N, :N]`` slice, see swin.md
+    section 6).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window: tuple[int, ...],
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__(dim, num_heads, attn_drop, proj_drop)
+        self.window = tuple(window)
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros(relative_bias_table_size(self.window), num_heads)
+        )
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        return qk * qk.new_tensor([self.scale, 1.0]).view(2, *[1] * (qk.dim() - 1))
+
+    def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
+        table = self.relative_position_bias_table
+        if tuple(window) != self.window:
+            full = table.view(*(2 * w - 1 for w in self.window), -1)
+            crop = tuple(slice(w - e, w + e - 1) for w, e in zip(self.window, window, strict=True))
+            table = full[crop].reshape(-1, self.num_heads)
+        return gather_relative_bias(table, window)

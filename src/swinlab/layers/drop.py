@@ -1,0 +1,29 @@
+"""Stochastic depth: drop a whole residual branch per sample (Huang et al. 2016)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def drop_path(x: torch.Tensor, p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Zero the branch for a random ``p`` fraction of samples and rescale the rest by ``1 / (1 - p)``."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

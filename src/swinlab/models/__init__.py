@@ -1,0 +1,7 @@
+"""Model families; importing this package registers every variant with :mod:`swinlab.models.registry`."""
+
+from swinlab.models import swin
+from swinlab.models.registry import create_model, list_models, model_meta, register_model
+from swinlab.models.swin import SwinTransformerV2
+
+__all__ = ["SwinTransformerV2", "create_model", "list_models", "model_meta", "register_model", "swin"]

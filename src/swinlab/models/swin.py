@@ -1,0 +1,467 @@
+"""Swin Transformer V2 (Liu et al. 2021), faithful to the official ``models/swin_transformer_v2.py`` wherever
+the official code runs, and extended to any input size.
+
+Layout (official key names): ``patch_embed`` -> ``layers.i`` (``blocks.j`` then ``downsample``) -> ``norm`` ->
+mean over tokens -> ``head``. Tokens travel as channels-last grids ``(B, H, W, C)``, so no block needs to know
+the input resolution in advance: window geometry (effective window, padding, shift mask) is derived per
+forward from the grid and cached in :mod:`swinlab.layers.windows`.
+
+Beyond the official code:
+
+* any input size: images are padded to a patch multiple, token grids to a window multiple (bottom/right,
+  padded tokens masked out of attention and cropped afterwards), odd grids padded before patch merging;
+* a 1x1 stage works (official: NaN from 0/0 in the CPB coordinate normalisation, see
+  :func:`swinlab.layers.position.log_spaced_coords`);
+* multi-scale outputs (``forward_features(x, return_stages=True)`` or ``features_only=True``);
+* ``extra_norm_period`` / ``extra_norm_stage``: the extra main-branch LayerNorms the paper describes for
+  SwinV2-H/G (paper only; the official repository has no such code, so these are unverified).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from swinlab.layers import (
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    PatchMergingV2,
+    WindowAttentionV1,
+    WindowAttentionV2,
+    from_windows,
+    to_windows,
+    window_geometry,
+)
+from swinlab.models.registry import register_model
+
+
+def _tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, Sequence) else (value,) * rank
+
+
+class _SwinBlock(nn.Module):
+    """Shifted-window transformer block on ``(B, *grid, C)``; subclasses choose the attention and the norm
+    placement.
+
+    ``per_axis_window`` selects the rule for grids not larger than the window (see
+    :func:`swinlab.layers.windows.clamp_window`): Swin V2 shrinks the whole window to the smallest side, Video
+    Swin clamps each axis separately.
+    """
+
+    per_axis_window = False
+
+    def __init__(
+        self,
+        dim: int,
+        attn: nn.Module,
+        window_size: tuple[int, ...],
+        shift_size: tuple[int, ...],
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.window_size, self.shift_size = tuple(window_size), tuple(shift_size)
+        self.norm1 = norm_layer(dim)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift, partition, attend, merge and un-shift ``(B, *grid, C)`` (padding handled inside)."""
+        geom = window_geometry(
+            x.shape[1:-1], self.window_size, self.shift_size, per_axis=self.per_axis_window
+        )
+        return from_windows(self.attn(to_windows(x, geom), geom), geom)
+
+
+class SwinBlockV2(_SwinBlock):
+    """Res-post-norm block: ``x + DropPath(norm1(attn(x)))``, then ``x + DropPath(norm2(mlp(x)))``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, ...],
+        shift_size: tuple[int, ...],
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        pretrained_window_size: tuple[int, ...] = (0, 0),
+    ) -> None:
+        attn = WindowAttentionV2(dim, num_heads, qkv_bias, attn_drop, drop, pretrained_window_size)
+        super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.norm1(self.window_attention(x)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+    def init_post_norms(self) -> None:
+        """Zero the post-norms so the block starts as the identity (official ``_init_respostnorm``)."""
+        for norm in (self.norm1, self.norm2):
+            nn.init.zeros_(norm.weight)
+            nn.init.zeros_(norm.bias)
+
+
+class SwinBlockV1(_SwinBlock):
+    """Pre-norm block with dot-product attention and a learned bias table (Swin V1 math, Video Swin's window
+    rule: each axis clamped separately)."""
+
+    per_axis_window = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, ...],
+        shift_size: tuple[int, ...],
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        attn = WindowAttentionV1(dim, num_heads, window_size, qkv_bias, qk_scale, attn_drop, drop)
+        super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.window_attention(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """``depth`` blocks alternating shift 0 / window // 2, optional extra norms, then an optional
+    downsample."""
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        downsample: nn.Module | None = None,
+        extra_norms: dict[int, nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        if extra_norms:
+            self.extra_norms = nn.ModuleDict({str(i): m for i, m in extra_norms.items()})
+        self.downsample = downsample
+        self.grad_checkpointing = False
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's blocks (and extra norms) without the downsample: ``(B, *grid, C)`` -> same shape."""
+        extra = getattr(self, "extra_norms", {})
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if str(i) in extra:
+                x = extra[str(i)](x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.run_blocks(x)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class SwinTransformerV2(nn.Module):
+    """Swin V2 classifier / backbone. Keyword names and defaults follow the official constructor, so official
+    configs map one to one (``use_checkpoint`` is gradient checkpointing; ``img_size`` only sizes
+    ``absolute_pos_embed``).
+
+    Extra keyword-only options: ``features_only`` (``forward`` returns the per-stage maps, no norm/head),
+    ``extra_norm_period`` (LayerNorm after every k-th block of each stage) and ``extra_norm_stage`` (LayerNorm
+    at the end of every stage) for the paper's H/G models.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        ape: bool = False,
+        patch_norm: bool = True,
+        use_checkpoint: bool = False,
+        pretrained_window_sizes: Sequence[int] | None = None,
+        *,
+        features_only: bool = False,
+        extra_norm_period: int = 0,
+        extra_norm_stage: bool = False,
+    ) -> None:
+        super().__init__()
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        pretrained_window_sizes = tuple(pretrained_window_sizes or (0,) * len(depths))
+        if not len(depths) == len(num_heads) == len(pretrained_window_sizes):
+            raise ValueError(
+                f"depths {depths}, num_heads {num_heads} and pretrained_window_sizes "
+                f"{pretrained_window_sizes} must have one entry per stage"
+            )
+        widths = [embed_dim * 2**i for i in range(len(depths))]
+        for i, (width, heads) in enumerate(zip(widths, num_heads, strict=True)):
+            if width % heads:
+                raise ValueError(f"num_heads[{i}]={heads} does not divide the width {width} of stage {i}")
+        self.in_chans, self.embed_dim, self.num_layers = in_chans, embed_dim, len(depths)
+        self.img_size, self.patch_size = _tuple(img_size, 2), _tuple(patch_size, 2)
+        self.window_size = window_size
+        self.num_features = widths[-1]
+        self.features_only = features_only
+
+        self.patch_embed = PatchEmbed(
+            self.patch_size, in_chans, embed_dim, norm_layer if patch_norm else None
+        )
+        self.patch_grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(
+                torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim)
+            )
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        total = sum(depths)  # stochastic depth grows linearly from 0 to drop_path_rate over all blocks
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.layers = nn.ModuleList()
+        for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+            blocks = [
+                SwinBlockV2(
+                    width,
+                    num_heads[i],
+                    window_size=(window_size, window_size),
+                    shift_size=(0, 0) if j % 2 == 0 else (window_size // 2,) * 2,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates[sum(depths[:i]) + j],
+                    norm_layer=norm_layer,
+                    pretrained_window_size=(pretrained_window_sizes[i],) * 2,
+                )
+                for j in range(depth)
+            ]
+            extra = [j for j in range(depth) if extra_norm_period and (j + 1) % extra_norm_period == 0]
+            if extra_norm_stage and depth - 1 not in extra:
+                extra.append(depth - 1)
+            downsample = PatchMergingV2(width, norm_layer=norm_layer) if i < len(depths) - 1 else None
+            self.layers.append(SwinStage(blocks, downsample, {j: norm_layer(width) for j in extra}))
+
+        if features_only:
+            num_classes = 0
+            self.norm = nn.Identity()
+        else:
+            self.norm = norm_layer(self.num_features)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        for layer in self.layers:
+            for block in layer.blocks:
+                block.init_post_norms()
+        self.set_grad_checkpointing(use_checkpoint)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # -- public toolkit interface --
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations (training only)."""
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"absolute_pos_embed"} if self.absolute_pos_embed is not None else set()
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"cpb_mlp", "logit_scale", "relative_position_bias_table"}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(self._init_weights)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4D (B, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"model expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
+        if x.shape[2] < self.patch_size[0] or x.shape[3] < self.patch_size[1]:
+            raise ValueError(f"input {tuple(x.shape[2:])} is smaller than one patch {self.patch_size}")
+
+    def _position_embedding(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """``absolute_pos_embed`` as a ``(1, *grid, C)`` map, bicubically resized if the grid is not the one
+        of ``img_size``."""
+        pos = self.absolute_pos_embed.view(1, *self.patch_grid, -1).movedim(-1, 1)
+        if tuple(grid) != self.patch_grid:
+            pos = F.interpolate(pos, size=tuple(grid), mode="bicubic", align_corners=False)
+        return pos.movedim(1, -1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``(B, C, H, W)`` -> token grid ``(B, H/p, W/p, embed_dim)`` (patch embedding, ape,
+        dropout)."""
+        self._check_input(x)
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self._position_embedding(x.shape[1:3])
+        return self.pos_drop(x)
+
+    def forward_features(
+        self, x: torch.Tensor, return_stages: bool = False
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Pooled features ``(B, num_features)`` (final norm, mean over tokens), as the official
+        ``forward_features``.
+
+        With ``return_stages=True``: a list with one ``(B, C_i, H_i, W_i)`` map per stage, the output of that
+        stage's blocks *before* its downsample (strides 4, 8, 16, 32 for patch 4), without the final norm —
+        the maps a detection / segmentation neck consumes.
+        """
+        x = self.embed(x)
+        stages = []
+        for layer in self.layers:
+            x = layer.run_blocks(x)
+            if return_stages:
+                stages.append(x.permute(0, 3, 1, 2))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        if return_stages:
+            return stages
+        return self.norm(x).flatten(1, 2).mean(1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            return self.forward_features(x, return_stages=True)
+        return self.forward_head(self.forward_features(x))
+
+
+# -- registered variants --
+
+_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+_HUGE = dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_period=6)
+_GIANT = dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_period=6)
+_FROM_192 = dict(pretrained_window_sizes=(12, 12, 12, 6))
+
+_OFFICIAL = "microsoft/Swin-Transformer (README model zoo, configs/swinv2)"
+_PAPER = "Swin V2 paper; configuration unverified (no official code or weights), extra norm every 6 blocks"
+
+
+def _meta(params: str, flops: str | None = None, top1: float | None = None, source: str = _OFFICIAL) -> dict:
+    return {"params": params, "flops": flops, "imagenet_top1": top1, "source": source}
+
+
+def _create(arch: dict, img_size: int, window_size: int, kwargs: dict) -> SwinTransformerV2:
+    return SwinTransformerV2(**{"img_size": img_size, "window_size": window_size, **arch, **kwargs})
+
+
+@register_model(meta=_meta("28M", "5.9G", 81.8))
+def swinv2_tiny_window8_256(**kwargs) -> SwinTransformerV2:
+    return _create(_TINY, 256, 8, kwargs)
+
+
+@register_model(meta=_meta("28M", "6.6G", 82.8))
+def swinv2_tiny_window16_256(**kwargs) -> SwinTransformerV2:
+    return _create(_TINY, 256, 16, kwargs)
+
+
+@register_model(meta=_meta("50M", "11.5G", 83.7))
+def swinv2_small_window8_256(**kwargs) -> SwinTransformerV2:
+    return _create(_SMALL, 256, 8, kwargs)
+
+
+@register_model(meta=_meta("50M", "12.6G", 84.1))
+def swinv2_small_window16_256(**kwargs) -> SwinTransformerV2:
+    return _create(_SMALL, 256, 16, kwargs)
+
+
+@register_model(meta=_meta("88M", "20.3G", 84.2))
+def swinv2_base_window8_256(**kwargs) -> SwinTransformerV2:
+    return _create(_BASE, 256, 8, kwargs)
+
+
+@register_model(meta=_meta("88M", "21.8G", 84.6))
+def swinv2_base_window16_256(**kwargs) -> SwinTransformerV2:
+    return _create(_BASE, 256, 16, kwargs)
+
+
+@register_model(meta=_meta("88M", source=_OFFICIAL + "; ImageNet-22K pre-training, 21841 classes"))
+def swinv2_base_window12_192(**kwargs) -> SwinTransformerV2:
+    return _create(_BASE, 192, 12, {"num_classes": 21841, **kwargs})
+
+
+@register_model(meta=_meta("197M", source=_OFFICIAL + "; ImageNet-22K pre-training, 21841 classes"))
+def swinv2_large_window12_192(**kwargs) -> SwinTransformerV2:
+    return _create(_LARGE, 192, 12, {"num_classes": 21841, **kwargs})
+
+
+@register_model(meta=_meta("88M", "21.8G", 86.2))
+def swinv2_base_window12to16_192to256(**kwargs) -> SwinTransformerV2:
+    return _create({**_BASE, **_FROM_192}, 256, 16, kwargs)
+
+
+@register_model(meta=_meta("88M", "54.7G", 87.1))
+def swinv2_base_window12to24_192to384(**kwargs) -> SwinTransformerV2:
+    return _create({**_BASE, **_FROM_192}, 384, 24, kwargs)
+
+
+@register_model(meta=_meta("197M", "47.5G", 86.9))
+def swinv2_large_window12to16_192to256(**kwargs) -> SwinTransformerV2:
+    return _create({**_LARGE, **_FROM_192}, 256, 16, kwargs)
+
+
+@register_model(meta=_meta("197M", "115.4G", 87.6))
+def swinv2_large_window12to24_192to384(**kwargs) -> SwinTransformerV2:
+    return _create({**_LARGE, **_FROM_192}, 384, 24, kwargs)
+
+
+@register_model(meta=_meta("~658M", source=_PAPER))
+def swinv2_huge_window12_192(**kwargs) -> SwinTransformerV2:
+    return _create(_HUGE, 192, 12, kwargs)
+
+
+@register_model(meta=_meta("~3.0B", top1=90.17, source=_PAPER + "; top-1 at 640 px"))
+def swinv2_giant_window12_192(**kwargs) -> SwinTransformerV2:
+    return _create(_GIANT, 192, 12, kwargs)
+
+
+@register_model(meta=_meta("~1.5M", source="swinlab: small CPU variant for 32 px images (not a paper model)"))
+def swinv2_nano_window4_32(**kwargs) -> SwinTransformerV2:
+    arch = dict(patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12))
+    return _create(arch, 32, 4, kwargs)
