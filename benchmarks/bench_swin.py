@@ -14,6 +14,12 @@ Protocol: eval()+inference_mode forward ("infer") and train()+forward+cross-entr
 ``--warmup`` untimed then ``--iters`` timed iterations, median wall time; FLOPs from FlopCounterMode on one forward
 (train counted as 3x forward); "busy" is the share of the machine other processes used during the timed loop
 (from /proc/stat) — rows with busy above a few percent were disturbed.
+
+``--compile`` adds a ``torch.compile`` (default inductor) variant of *every* implementation, so compiled ratios
+compare compiled with compiled; compilation happens in the warm-up. ``--optimizer`` picks the AdamW of the training
+step (``plain``: torch's default for all, the default; ``fused``: ``fused=True`` for all; ``engine``: swinlab's own
+``build_optimizer`` for swinlab rows, torch's default for the peers). ``--impls`` / ``--no-local`` / ``--modes``
+restrict the rows.
 """
 
 from __future__ import annotations
@@ -45,18 +51,24 @@ def _own_cpu() -> float:
 
 
 def build(impl: str, weights: str | None):
-    """Model of ``impl`` with the shared official-layout weights loaded."""
+    """Model of ``impl`` (``name`` or ``name+compile``) with the shared official-layout weights loaded."""
     import torch
 
-    if impl.startswith("swinlab"):
+    name, _, variant = impl.partition("+")
+    model = _build_eager(name, weights)
+    return torch.compile(model) if variant == "compile" else model
+
+
+def _build_eager(impl: str, weights: str | None):
+    import torch
+
+    if impl == "swinlab":
         from swinlab import create_model
         from swinlab.models.checkpoints import load_official
 
         model = create_model(MODEL)
         if weights:
             load_official(model, weights)
-        if impl.endswith("+compile"):
-            model = torch.compile(model)
         return model
     state = torch.load(weights, map_location="cpu", weights_only=True) if weights else None
     if impl == "timm":
@@ -139,7 +151,7 @@ def worker(args: argparse.Namespace) -> None:
                 model(x)
     else:
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = make_optimizer(model, args.impl, args.optimizer)
         y = torch.randint(0, 1000, (args.batch,))
 
         def step():
@@ -169,6 +181,20 @@ def worker(args: argparse.Namespace) -> None:
         busy_others=others / max(total1 - total0, 1),
     )
     print(json.dumps(result))
+
+
+def make_optimizer(model, impl: str, kind: str):
+    """AdamW for the training step: ``plain`` = torch's default AdamW for every implementation (on CPU its
+    per-parameter loop), ``fused`` = ``AdamW(fused=True)`` for every implementation, ``engine`` = swinlab rows
+    use the toolkit's own ``build_optimizer`` (weight-decay groups, fused kernel), peers torch's default."""
+    import torch
+
+    if kind == "engine" and impl.startswith("swinlab"):
+        from swinlab.config import OptimConfig
+        from swinlab.engine.optim import build_optimizer
+
+        return build_optimizer(model, OptimConfig(lr=1e-4))
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if kind == "fused" else None)
 
 
 def gemm_peak(threads: int, n: int = 2048, iters: int = 10) -> float:
@@ -209,6 +235,8 @@ def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **ex
         str(args.warmup),
         "--weights",
         args.weights,
+        "--optimizer",
+        args.optimizer,
     ]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
@@ -222,7 +250,7 @@ def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **ex
 
 
 def available(python: str, impl: str) -> bool:
-    module = {"timm": "timm", "torchvision": "torchvision"}.get(impl, "swinlab")
+    module = impl.partition("+")[0]
     return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
@@ -234,7 +262,15 @@ def main() -> None:
     parser.add_argument("--img", type=int, default=256)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd swinlab")
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure torch.compile'd variants of every implementation"
+    )
+    parser.add_argument("--impls", default="swinlab,timm,torchvision", help="comma-separated subset to run")
+    parser.add_argument(
+        "--no-local", action="store_true", help="skip swinlab on this interpreter (only the peer interpreter)"
+    )
+    parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
+    parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
     parser.add_argument("--json", default=None, help="write all raw results here")
     # worker-only arguments
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -261,15 +297,18 @@ def main() -> None:
                 p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
     args.weights = str(tmp / "weights.pt")
     torch.save({"model": reference.state_dict()}, args.weights)
-    torch.save(torch.randn(2, 3, args.img, args.img), tmp / "input.pt")
+    # full batch, so a compiled model's check and timing runs share one graph (and inductor's on-disk cache)
+    torch.save(torch.randn(args.batch, 3, args.img, args.img), tmp / "input.pt")
 
-    impls = [(sys.executable, "swinlab")]
-    if args.compile:
-        impls.append((sys.executable, "swinlab+compile"))
+    names = args.impls.split(",")
+    variants = ["", "+compile"] if args.compile else [""]
+    impls = []
+    if "swinlab" in names and not args.no_local:
+        impls += [(sys.executable, "swinlab" + v) for v in variants]
     if args.peer_python:
-        for impl in ("swinlab", "timm", "torchvision"):
+        for impl in names:
             if available(args.peer_python, impl):
-                impls.append((args.peer_python, impl))
+                impls += [(args.peer_python, impl + v) for v in variants]
             else:
                 print(f"  {impl} not importable with {args.peer_python}; skipped", file=sys.stderr)
 
@@ -285,12 +324,12 @@ def main() -> None:
             outputs[(python, impl)] = torch.load(out, weights_only=True)
         if flops is None:
             flops = run_worker(python, impl, "flops", args)["flops_per_sample"]
-        for mode in ("infer", "train"):
+        for mode in args.modes.split(","):
             print(f"  {impl:<16} {mode:<5} torch {python}", flush=True)
             res = run_worker(python, impl, mode, args)
             if res:
                 rows.append(res)
-    base = outputs[(sys.executable, "swinlab")]
+    base = outputs[impls[0]]
     diffs = {
         f"{impl} ({Path(py).parent.parent.name})": float((o - base).abs().max()) for (py, impl), o in outputs.items()
     }
@@ -318,17 +357,19 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
             f"| {r['impl']} | {r['torch']} | {r['mode']} | {r['imgs_per_s']:.2f} | {r['median_s'] * 1e3:.0f} | "
             f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | {100 * r['busy_others']:.0f}% |"
         )
-    for mode in ("infer", "train"):
-        ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab"]
-        peers = [r for r in rows if r["mode"] == mode and r["impl"] in ("timm", "torchvision")]
-        if ours and peers:
-            best = max(peers, key=lambda r: r["imgs_per_s"])
-            for r in ours:
-                print(
-                    f"{mode}: swinlab (torch {r['torch']}) / fastest peer ({best['impl']}) = "
-                    f"{r['imgs_per_s'] / best['imgs_per_s']:.2f}x img/s, "
-                    f"peak RSS {r['peak_rss_mib'] / best['peak_rss_mib']:.2f}x"
-                )
+    print(f"training step optimizer: {args.optimizer} (see make_optimizer)")
+    for variant in ("", "+compile"):
+        for mode in ("infer", "train"):
+            ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant]
+            peers = [r for r in rows if r["mode"] == mode and r["impl"] in ("timm" + variant, "torchvision" + variant)]
+            if ours and peers:
+                best = max(peers, key=lambda r: r["imgs_per_s"])
+                for r in ours:
+                    print(
+                        f"{mode}: {r['impl']} (torch {r['torch']}) / fastest peer ({best['impl']}, torch "
+                        f"{best['torch']}) = {r['imgs_per_s'] / best['imgs_per_s']:.2f}x img/s, "
+                        f"peak RSS {r['peak_rss_mib'] / best['peak_rss_mib']:.2f}x"
+                    )
     print("max |logits - swinlab logits| on the shared weights:", {k: f"{v:.2e}" for k, v in diffs.items()})
 
 

@@ -54,4 +54,4 @@ def test_train_then_eval_a_tiny_run(tmp_path, capsys):
         assert (run / name).is_file()
     capsys.readouterr()
     assert main(["eval", str(run)]) == 0
-    assert "top1" in capsys.readouterr().out
+    assert "validation top-1" in capsys.readouterr().out

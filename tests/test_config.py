@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from swinlab.cli import MAIN_JOB
 from swinlab.config import ConfigError, TrainConfig, from_dict, load_config, parse_override, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -64,3 +65,9 @@ def test_override_values_parse_as_python_would():
     assert parse_override("optim.lr=3e-4") == ("optim.lr", 3e-4)
     assert parse_override("data.mean=[0.5, 0.5]") == ("data.mean", [0.5, 0.5])
     assert parse_override("model.pretrained=null") == ("model.pretrained", None)
+
+
+def test_main_job_recipe_file_matches_the_main_job():
+    """`swinlab` (no arguments) runs cli.MAIN_JOB; configs/swinv2_nano_fashion.yaml writes the same recipe out."""
+    written = load_config(CONFIGS / "swinv2_nano_fashion.yaml", ["output_dir=runs/main"])
+    assert written == load_config(None, MAIN_JOB)

@@ -57,8 +57,8 @@ def test_official_config_mapping():
 
 def test_nano_variant_and_overrides():
     model = create_model("swinv2_nano_window4_32", num_classes=10, in_chans=1, drop_path_rate=0.1)
-    assert (model.num_classes, model.in_chans, model.num_features) == (10, 1, 192)
-    assert model.patch_size == (2, 2) and model.window_size == 4
+    assert (model.num_classes, model.in_chans, model.num_features) == (10, 1, 256)
+    assert model.patch_size == (4, 4) and model.window_size == 4
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
     assert model.model_spec["kwargs"] == {"num_classes": 10, "in_chans": 1, "drop_path_rate": 0.1}
 

@@ -12,6 +12,22 @@ import sys
 from collections.abc import Sequence
 
 MAIN_JOB_OUTPUT = "runs/main"
+MAIN_JOB = (
+    # The main job's recipe, as overrides of the general defaults; configs/swinv2_nano_fashion.yaml writes the
+    # same settings out (a test keeps the two equal). Short training on 12k small images underfits, so no
+    # augmentation, label smoothing or stochastic depth: measured +4-5 points top-1 over the ImageNet-style ones.
+    "model.name=swinv2_nano_window4_32",
+    "model.kwargs={drop_path_rate: 0.0}",
+    "data.name=fashion_mnist_embedded",
+    "data.img_size=32",
+    "data.batch_size=64",
+    "data.augment=none",
+    "epochs=8",
+    "label_smoothing=0.0",
+    "optim.lr=2e-3",
+    "optim.warmup_epochs=1",
+    f"output_dir={MAIN_JOB_OUTPUT}",
+)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -30,11 +46,11 @@ def _cmd_main_job(_: argparse.Namespace) -> int:
 
     print(
         "swinlab main job: Swin V2 (swinv2_nano_window4_32) on the embedded Fashion-MNIST subset "
-        "(12,000 train / 2,000 val images)\n"
+        "(12,000 train / 2,000 val images), 8 epochs\n"
         f"run folder: {MAIN_JOB_OUTPUT}  (see `swinlab --help` for the other commands)",
         flush=True,
     )
-    cfg = load_config(None, [f"output_dir={MAIN_JOB_OUTPUT}"])
+    cfg = load_config(None, MAIN_JOB)
     result = train(cfg)
     _print_result(result)
     return 0
@@ -72,9 +88,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: dict) -> None:
-    for key, value in result.items():
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f"{key:<18}{text}")
+    """The headline numbers of a run or an evaluation on one line each (everything is in metrics.csv)."""
+    if "val_top1" in result:
+        top5 = f", top-5 {result['val_top5']:.2f}%" if "val_top5" in result else ""
+        print(f"validation top-1 {result['val_top1']:.2f}%{top5}, loss {result.get('val_loss', float('nan')):.4f}")
+    if result.get("best") is not None:
+        print(f"best top-1       {result['best']:.2f}% after {result.get('epochs_completed', '?')} epochs")
+    if "run_dir" in result:
+        print(f"run folder       {result['run_dir']} (metrics.csv, curves.png, checkpoint.pt)")
+    if "checkpoint" in result:
+        print(f"checkpoint       {result['checkpoint']} (epoch {result.get('epoch', '?')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"swinlab: error: {e}  (SWINLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `swinlab models | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted; the last completed epoch is in the run folder's checkpoint.pt", file=sys.stderr)
         return 130

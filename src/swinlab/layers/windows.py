@@ -30,17 +30,29 @@ def geometry_cache(fn: _F) -> _F:
     The tensors are built outside inference mode: a table first built under ``torch.inference_mode()`` would
     otherwise be an inference tensor, and a later training step that saves it for backward would fail.
     Callers must not modify the returned tensors.
+
+    Under ``torch.compile`` a cache hit is a plain dictionary lookup that dynamo traces, so the table enters
+    the graph as an input (no graph break, no constant folding); only a miss runs the builder eagerly (a
+    graph break, and recompilations as the cache grows), so a compiled model should build the tables of an
+    input size before tracing its blocks (``SwinTransformerV2`` does). Tracing the builder itself, or baking its result
+    in as a constant, makes inductor fuse long index arithmetic into the kernels, which torch 2.13 fails to
+    simplify for some sizes (sympy "'StrictLessThan' object has no attribute 'diff'").
     """
+    cache: dict = {}
 
-    @functools.lru_cache(maxsize=64)
-    def cached(*args, **kwargs):
+    @torch.compiler.disable
+    def build(*args):
+        if len(cache) >= 64:
+            cache.clear()
         with torch.inference_mode(False), torch.no_grad():
-            return fn(*args, **kwargs)
+            cache[args] = table = fn(*args)
+        return table
 
-    # Under torch.compile the tables enter the graph as inputs (a graph break) instead of being traced or
-    # baked in as constants: both make inductor fuse long index arithmetic into the kernels, which torch 2.13
-    # fails to simplify for some sizes (sympy "'StrictLessThan' object has no attribute 'diff'").
-    return torch.compiler.disable(functools.wraps(fn)(cached))
+    @functools.wraps(fn)
+    def cached(*args):
+        return cache[args] if args in cache else build(*args)
+
+    return cached  # type: ignore[return-value]
 
 
 def window_partition(x: torch.Tensor, window: Size) -> torch.Tensor:
