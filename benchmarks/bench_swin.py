@@ -71,6 +71,7 @@ def _build_eager(impl: str, weights: str | None):
             load_official(model, weights)
         return model
     state = torch.load(weights, map_location="cpu", weights_only=True) if weights else None
+    state = state.get("model", state) if state is not None else None  # official files wrap it in "model"
     if impl == "timm":
         import timm
         from timm.models.swin_transformer_v2 import checkpoint_filter_fn
@@ -108,8 +109,9 @@ def official_to_torchvision(state: dict) -> dict:
             if parts[2] == "downsample":
                 key = ".".join(["features", str(2 * stage + 2), *parts[3:]])
             else:
-                rest = ".".join(parts[5:]).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
-                key = f"features.{2 * stage + 1}.{parts[4]}.{rest}"
+                # layers.i.blocks.j.<rest> -> features.(2i+1).j.<rest>
+                rest = ".".join(parts[4:]).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+                key = f"features.{2 * stage + 1}.{parts[3]}.{rest}"
                 if key.endswith("attn.q_bias"):
                     v_bias = state[".".join([*parts[:-1], "v_bias"])]
                     key = key.replace("q_bias", "qkv.bias")
