@@ -1,5 +1,6 @@
 """Shared test set-up: one torch thread (small ops under contention are ~100x slower with two)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 torch.set_num_threads(1)
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+# The shared folder sits beside the checkout; SWINLAB_GOLDEN points elsewhere (e.g. a clone in /tmp).
+GOLDEN = Path(os.environ.get("SWINLAB_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
 
 @pytest.fixture(scope="session")
