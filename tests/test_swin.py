@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from swinlab import create_model
 from swinlab.models.checkpoints import load_official
 from swinlab.models.swin import SwinBlockV1, SwinTransformerV2
 
@@ -218,3 +219,23 @@ def test_torch_compile_matches_eager():
         for size in [(32, 32), (36, 44)]:  # a second size exercises padding and a recompilation
             x = torch.randn(2, 3, *size)
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_eval_bias_cache_never_outlives_training_steps():
+    """Fused AdamW does not bump parameter version counters; the cached attention bias must still be rebuilt."""
+    model = create_model("swinv2_nano_window4_32", num_classes=3, in_chans=1)
+    for block in (b for layer in model.layers for b in layer.blocks):
+        torch.nn.init.ones_(block.norm1.weight)  # zero-initialised post-norms would hide the attention branch
+    x = torch.randn(2, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # fills the caches
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(x).sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        cached = model(x)
+    uncached = model(x)  # autograd on: the bias is recomputed from the parameters
+    torch.testing.assert_close(cached, uncached.detach(), rtol=0, atol=1e-6)

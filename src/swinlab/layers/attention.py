@@ -87,12 +87,20 @@ class _WindowAttention(nn.Module):
     def _cache_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
+    def train(self, mode: bool = True) -> _WindowAttention:
+        # Every switch of mode starts a fresh cache. The version counters above miss some in-place updates
+        # (fused optimizers and writes through ``.data`` do not bump them), so a cache built in one evaluation
+        # must not outlive the training steps that follow it.
+        self._bias_cache.clear()
+        return super().train(mode)
+
     def attention_bias(self, geom: WindowGeometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Position bias plus the window mask, ``(h, N, N)`` or ``(nW, h, N, N)``.
 
-        In inference (eval mode, no autograd) the sum is cached per geometry and invalidated when any
-        parameter of this module changes (its version counter moves on every in-place update, e.g. optimizer
-        steps or ``load_state_dict``).
+        In inference (eval mode, no autograd) the sum is cached per geometry. The cache is dropped on every
+        ``train()`` / ``eval()`` call and when a parameter's version counter moves (``load_state_dict``, in-place
+        ops); code that changes weights in eval mode without either (fused optimizer steps, ``.data`` writes)
+        must call ``model.eval()`` again.
         """
         cacheable = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         if cacheable:
