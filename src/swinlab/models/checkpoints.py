@@ -44,7 +44,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _read(path: str | Path) -> Any:
+def read_checkpoint(path: str | Path) -> Any:
     """Read a torch checkpoint (``weights_only``) or a safetensors file, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
@@ -150,7 +150,7 @@ def load_official(
     A head with a different class count is re-initialised (truncated normal, std 0.02) with a warning. With
     ``strict=True`` any missing or unexpected key raises ``ValueError``.
     """
-    raw = path_or_state_dict if isinstance(path_or_state_dict, Mapping) else _read(path_or_state_dict)
+    raw = path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_checkpoint(path_or_state_dict)
     state, report = adapt_state_dict(unwrap_state_dict(raw), model)
     if strict and (report.missing or report.unexpected):
         raise ValueError(f"strict load failed: missing {report.missing}, unexpected {report.unexpected}")
@@ -185,7 +185,7 @@ def read_weights_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a swinlab weight file strictly (every key and shape must match); returns its metadata."""
-    state = _read(path)
+    state = read_checkpoint(path)
     _, report = adapt_state_dict(state, model)
     if report.reinitialised:
         raise ValueError(f"{path}: head shape does not match the model ({report.reinitialised})")

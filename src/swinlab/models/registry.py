@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,18 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
     ``pretrained`` is a checkpoint path: a swinlab ``.safetensors`` file (see
     :func:`swinlab.models.checkpoints.save_checkpoint_weights`) or an official / torch checkpoint, loaded with
     :func:`swinlab.models.checkpoints.load_official` (drops derived buffers, resizes position tables,
-    re-initialises a head of another class count with a warning). The
+    re-initialises a head of another class count with a warning), or by the model's own ``load_pretrained``
+    when its family defines one. The
     name and overrides are kept on ``model.model_spec`` so the weights can be saved with them.
     """
     model = _builder(name)(**overrides)
     model.model_spec = {"name": name, "kwargs": dict(overrides)}
     if pretrained is not None:
-        from swinlab.models.checkpoints import load_official  # imports safetensors only when needed
+        # A family with its own checkpoint layout (e.g. Video Swin's backbone.* / cls_head.*) says how to load it.
+        loader = getattr(model, "load_pretrained", None)
+        if loader is None:
+            from swinlab.models.checkpoints import load_official  # imports safetensors only when needed
 
-        load_official(model, pretrained)
+            loader = functools.partial(load_official, model)
+        loader(pretrained)
     return model
