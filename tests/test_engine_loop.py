@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from _ddp_worker import TinyNet, run_tiny, tiny_config, tiny_loaders
-from swinlab.config import to_dict
+from swinlab.config import OptimConfig, to_dict
 from swinlab.engine import ClassificationTask, build_optimizer, fit, load_checkpoint
 from swinlab.engine import loop as loop_module
 
@@ -157,3 +157,18 @@ def test_fit_under_bf16_autocast(tmp_path):
     result = fit(model, ClassificationTask(), optimizer, train, val, cfg, autocast=autocast)
     assert result["skipped_steps"] == 0 and 0 < result["train_loss"] < 10
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps fp32 master weights
+
+
+def test_lr_mult_scales_the_scheduled_rate_of_matching_parameters(tmp_path):
+    """optim.lr_mult: each group's scheduled rate is multiplied by its ``lr_scale`` at every step."""
+    optim = OptimConfig(lr=0.05, warmup_epochs=0, schedule="constant", lr_mult={"fc1": 10.0})
+    model, _ = run_tiny(tiny_config(tmp_path, epochs=1, optim=optim), batch_size=8)
+    optimizer = build_optimizer(model, optim)
+    fc1 = {id(model.fc1.weight), id(model.fc1.bias)}
+    for group in optimizer.param_groups:
+        assert group["lr_scale"] == (10.0 if any(id(p) in fc1 for p in group["params"]) else 1.0)
+    cfg = tiny_config(tmp_path / "b", epochs=1, optim=optim, max_steps_per_epoch=1)
+    train, val = tiny_loaders(8)
+    fit(model, ClassificationTask(), optimizer, train, val, cfg)
+    rates = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
+    assert rates == pytest.approx({1.0: 0.05, 10.0: 0.5})

@@ -69,6 +69,8 @@ class OptimConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Learning-rate factors by parameter-name substring, e.g. ``{log_sigma: 10}`` for GMConv's sigmas."""
     schedule: str = "cosine"
     """``cosine`` (per-iteration, after a linear warm-up) or ``constant``."""
 

@@ -217,7 +217,7 @@ class _Fit:
 
     def _set_lr(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def _optimizer_step(self, loss_finite: torch.Tensor, stats: _EpochStats) -> None:

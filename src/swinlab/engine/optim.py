@@ -8,6 +8,7 @@ it; the model's ``no_weight_decay_keywords()`` catches it by name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,23 +22,40 @@ def _model_names(model: nn.Module, method: str) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters into a decayed group and a ``weight_decay=0`` group (empty groups dropped).
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_mult: Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Split trainable parameters by weight decay and learning-rate multiplier (empty groups dropped).
 
-    No decay for: ``ndim <= 1`` (norms, biases, ``q_bias``/``v_bias``), exact names in
+    No decay for: ``ndim <= 1`` (norms, biases, ``q_bias``/``v_bias``), parameters flagged
+    ``param.no_weight_decay = True`` by their layer (GMConv's sigma, whatever model hosts it), exact names in
     ``model.no_weight_decay()``, names containing any of ``model.no_weight_decay_keywords()``.
-    Models without those methods just get the ``ndim`` rule.
+    Models without those methods just get the ``ndim`` rule. ``lr_mult`` maps a name substring to a factor on
+    the scheduled learning rate (e.g. ``{"log_sigma": 10}`` for GMConv's sigmas, which barely move at the base
+    rate); each group carries it as ``lr_scale``, which the loop applies at every step.
     """
+    lr_mult = dict(lr_mult or {})
+    for key, factor in lr_mult.items():
+        if factor <= 0:
+            raise ValueError(f"optim.lr_mult[{key!r}] must be positive, got {factor}")
     skip_names = _model_names(model, "no_weight_decay")
     skip_keywords = _model_names(model, "no_weight_decay_keywords")
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim <= 1 or name in skip_names or any(kw in name for kw in skip_keywords)
-        (no_decay if exempt else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        exempt = (
+            param.ndim <= 1
+            or getattr(param, "no_weight_decay", False)
+            or name in skip_names
+            or any(kw in name for kw in skip_keywords)
+        )
+        scale = next((factor for key, factor in lr_mult.items() if key in name), 1.0)
+        groups.setdefault((exempt, scale), []).append(param)
+    return [
+        {"params": params, "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale}
+        for (exempt, scale), params in sorted(groups.items())
+    ]
 
 
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -55,7 +73,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     The learning rate given here is only a placeholder: the schedule sets it before every step.
     """
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr_mult)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to optimize")
     name = cfg.name.lower()

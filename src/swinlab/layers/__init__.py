@@ -3,6 +3,13 @@ with an underscore and names starting with an underscore are internal."""
 
 from swinlab.layers.attention import LOGIT_SCALE_MAX, WindowAttentionV1, WindowAttentionV2, windowed_sdpa
 from swinlab.layers.drop import DropPath, drop_path
+from swinlab.layers.gmconv import (
+    ConversionReport,
+    GMConv2d,
+    conv2d_factory,
+    convert_to_gmconv,
+    fuse_gmconv,
+)
 from swinlab.layers.mlp import Mlp
 from swinlab.layers.patch import PatchEmbed, PatchMerging, PatchMergingV2, merge_2x2, pad_to_multiple
 from swinlab.layers.position import (
@@ -59,4 +66,10 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, not alphabetically
     "drop_path",
     "merge_2x2",
     "pad_to_multiple",
+    # Gaussian-masked convolution
+    "ConversionReport",
+    "GMConv2d",
+    "conv2d_factory",
+    "convert_to_gmconv",
+    "fuse_gmconv",
 ]
