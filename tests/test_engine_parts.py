@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import random
@@ -112,11 +111,12 @@ def test_precision_fp32_and_bf16():
         precision.wrap(model, opt, "fp16")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("swinlab.fp8") is not None, reason="swinlab.fp8 exists")
-def test_precision_fp8_is_planned():
+def test_precision_unknown_and_not_yet_built_fp8_levels_are_clear_errors():
     model = nn.Linear(4, 4)
-    with pytest.raises(NotImplementedError, match="planned"):
+    with pytest.raises(NotImplementedError, match="O2"):
         precision.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp8-o2")
+    with pytest.raises(ValueError, match="fp8-o9"):
+        precision.wrap(model, None, "fp8-o9")
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------

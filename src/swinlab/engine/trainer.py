@@ -96,6 +96,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     env = init_distributed(cfg.device)
     try:
         data = _build_data(cfg, env)
+        torch.manual_seed(cfg.seed)  # the initial weights are part of the recipe (and equal on every rank)
         model = _build_model(cfg, data, env.device, pretrained=cfg.model.pretrained)
         optimizer = build_optimizer(model, cfg.optim)
         model, optimizer, autocast = precision.wrap(model, optimizer, cfg.precision)
@@ -130,8 +131,9 @@ def evaluate(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> di
     try:
         data = _build_data(cfg, env)
         model = _build_model(cfg, data, env.device, pretrained=None)
-        model.load_state_dict(ckpt["model"])
+        # Wrap first: a precision (e.g. FP8) may add state of its own that the checkpoint holds.
         model, _, autocast = precision.wrap(model, None, cfg.precision)
+        model.load_state_dict(ckpt["model"])
         metrics = run_evaluation(model, ClassificationTask(), data.val_loader, env, autocast)
     finally:
         shutdown(env)

@@ -74,7 +74,8 @@ class _WindowAttention(nn.Module):
         self._bias_cache: dict = {}
 
     def _qkv_bias(self) -> torch.Tensor | None:
-        return self.qkv.bias
+        """A bias added to the ``qkv`` projection's output when it is not part of the module itself."""
+        return None
 
     def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
         """Turn stacked ``(2, ..., h, N, d)`` queries and keys into the SDPA inputs (logits = q' k'^T)."""
@@ -122,7 +123,12 @@ class _WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
         """``x``: windows ``(B, nW, N, C)`` produced for ``geom``; returns the same shape."""
         b, nw, n, c = x.shape
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias()).view(b, nw, n, 3, self.num_heads, -1)
+        # Through the module (not F.linear on its weight) so a swapped projection (e.g. FP8Linear) takes effect.
+        qkv = self.qkv(x)
+        bias = self._qkv_bias()
+        if bias is not None:
+            qkv = qkv + bias
+        qkv = qkv.view(b, nw, n, 3, self.num_heads, -1)
         qkv = qkv.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d), a view
         bias = self.attention_bias(geom, x.device, qkv.dtype)
         if bias.dim() == 4 and not _bias_needs_grad(bias):

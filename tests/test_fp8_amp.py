@@ -1,0 +1,133 @@
+"""``swinlab.fp8.initialize``: layer selection, opt_level errors, training through it, the engine's seam."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import swinlab
+from swinlab.engine import precision
+from swinlab.fp8 import FP8Linear, clear_flags, found_nonfinite, initialize
+from swinlab.fp8.amp import convert_linears, default_filter
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+        self.small = nn.Linear(64, 8)  # 512 weights: too small to gain from FP8
+        self.odd = nn.Linear(64, 72 + 2)  # not a multiple of 16
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.head(h) + self.small(h).sum(-1, keepdim=True) + self.odd(h).mean(-1, keepdim=True)
+
+
+def fp8_names(model: nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def test_o1_swaps_default_layers_and_keeps_optimizer_params():
+    model = Tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    model2, optimizer2 = initialize(model, optimizer, opt_level="O1")
+    assert model2 is model and optimizer2 is optimizer
+    assert fp8_names(model) == {"body.0", "body.2"}
+    assert list(model.parameters()) == params  # same Parameter objects, optimizer still valid
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert model.body[0].weight.grad is not None  # default grad_mode: dequantised FP8 grads for stock optimizers
+
+
+def test_model_level_nonfinite_flag():
+    model = Tiny()
+    assert not bool(found_nonfinite(model))  # no FP8 layers yet
+    initialize(model)
+    x = torch.randn(4, 64)
+    model(x).sum().backward()
+    assert not bool(found_nonfinite(model))
+    x[0, 0] = math.nan
+    model(x).sum().backward()
+    assert bool(found_nonfinite(model))
+    clear_flags(model)
+    assert not bool(found_nonfinite(model))
+
+
+def test_custom_filter_and_idempotence():
+    model = Tiny()
+    with pytest.warns(UserWarning, match=r"FP8Linear\(64, 10\)"):
+        chosen = convert_linears(model, lambda module, fqn: fqn.startswith("body") or fqn == "head")
+    assert set(chosen) == {"body.0", "body.2", "head"}
+    with pytest.warns(UserWarning, match="multiples of 16"):
+        assert convert_linears(model, lambda module, fqn: True) == ["small", "odd"]  # FP8Linears left alone
+    assert not default_filter(nn.Conv2d(3, 3, 1), "conv")
+    assert not default_filter(nn.Linear(256, 256), "head.fc")
+
+
+def test_opt_level_errors():
+    model = Tiny()
+    with pytest.raises(ValueError, match="O4"):
+        initialize(model, None, opt_level="O4")
+    for level in ("O2", "o3"):
+        with pytest.raises(NotImplementedError, match=level.upper()):
+            initialize(model, None, opt_level=level)
+    assert not fp8_names(model)
+
+
+def test_engine_precision_seam_runs_swin_nano_in_fp8():
+    model = swinlab.create_model("swinv2_nano_window4_32", num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer, autocast = precision.wrap(model, optimizer, "fp8-o1")
+    converted = fp8_names(model)
+    assert "head" not in converted and not any("cpb_mlp" in name for name in converted)
+    assert "layers.0.blocks.0.mlp.fc1" in converted and "layers.0.downsample.reduction" in converted
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with autocast():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    unused = {name for name in converted if int(model.get_submodule(name).input_meta.steps) == 0}
+    assert not unused  # every converted layer, the attention's qkv projection included, ran in FP8
+    with pytest.raises(NotImplementedError, match="O2"):
+        precision.wrap(model, optimizer, "fp8-o2")
+
+
+def _fp8_run(tmp_path):
+    from swinlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from swinlab.engine import train
+
+    cfg = TrainConfig(
+        model=ModelConfig(name="swinv2_nano_window4_32"),
+        data=DataConfig(name="fashion_mnist_embedded", train_limit=32, val_limit=16, batch_size=16),
+        optim=OptimConfig(lr=1e-3, warmup_epochs=0.5),
+        epochs=1,
+        threads=1,
+        precision="fp8-o1",
+        output_dir=str(tmp_path / "run"),
+    )
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_engine_trains_fp8_o1(tmp_path):
+    result = _fp8_run(tmp_path)
+    assert result["step"] == 2 and 0 <= result["val_top1"] <= 100
+
+
+@pytest.mark.slow
+def test_engine_evaluates_fp8_o1_run(tmp_path):
+    from swinlab.engine import evaluate
+
+    result = _fp8_run(tmp_path)
+    assert evaluate(result["run_dir"])["val_loss"] == pytest.approx(result["val_loss"], rel=1e-5)
