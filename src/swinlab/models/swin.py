@@ -46,6 +46,18 @@ def _tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, Sequence) else (value,) * rank
 
 
+def init_swin_weights(module: nn.Module) -> None:
+    """Official Swin init (V1, V2, Video): truncated-normal (std 0.02) Linear weights, zero biases, unit
+    LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class _SwinBlock(nn.Module):
     """Shifted-window transformer block on ``(B, *grid, C)``; subclasses choose the attention and the norm
     placement.
@@ -285,21 +297,11 @@ class SwinTransformerV2(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.apply(self._init_weights)
+        self.apply(init_swin_weights)
         for layer in self.layers:
             for block in layer.blocks:
                 block.init_post_norms()
         self.set_grad_checkpointing(use_checkpoint)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
     # -- public toolkit interface --
 
@@ -317,7 +319,7 @@ class SwinTransformerV2(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head.apply(self._init_weights)
+        self.head.apply(init_swin_weights)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -30,7 +30,7 @@ from torch import nn
 
 from swinlab.layers import PatchEmbed, PatchMerging
 from swinlab.models.registry import register_model
-from swinlab.models.swin import SwinBlockV1, SwinStage
+from swinlab.models.swin import SwinBlockV1, SwinStage, init_swin_weights
 
 Size = tuple[int, ...]
 
@@ -81,17 +81,6 @@ def v1_stages(
         downsample = PatchMerging(width, norm_layer=norm_layer) if i < len(depths) - 1 else None
         stages.append(SwinStage(blocks, downsample))
     return stages
-
-
-def init_v1_weights(module: nn.Module) -> None:
-    """Official init: truncated normal (std 0.02) Linear weights, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def _triple(value: int | Sequence[int], what: str) -> Size:
@@ -161,7 +150,7 @@ class SwinTransformer3D(nn.Module):
         )
         self.norm = norm_layer(self.num_features)
 
-        self.apply(init_v1_weights)
+        self.apply(init_swin_weights)
         self.set_grad_checkpointing(use_checkpoint)
         if pretrained is not None:
             from swinlab.models.video_checkpoints import inflate_from_2d, load_official_video
