@@ -238,4 +238,6 @@ def test_eval_bias_cache_never_outlives_training_steps():
     with torch.no_grad():
         cached = model(x)
     uncached = model(x)  # autograd on: the bias is recomputed from the parameters
-    torch.testing.assert_close(cached, uncached.detach(), rtol=0, atol=1e-6)
+    # The two paths differ only in float rounding (SDPA vs explicit softmax, ~1e-6 on logits of ~3); a stale
+    # bias after an lr=0.1 step moves the logits by orders of magnitude more.
+    torch.testing.assert_close(cached, uncached.detach(), rtol=1e-5, atol=1e-5)
