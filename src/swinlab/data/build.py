@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -26,7 +27,12 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class DataBundle:
-    """What the engine needs from the data side; ``train_size`` / ``val_size`` count all ranks together."""
+    """What the engine needs from the data side; ``train_size`` / ``val_size`` count all ranks together.
+
+    ``kind`` names what a batch is (``"image"``: ``(NCHW, labels)``); the trainer picks the task from it.
+    ``model_kwargs`` are the constructor arguments the data fixes (class count, channels, input size), so the
+    trainer builds any family's model without knowing what kind of data it gets.
+    """
 
     train_loader: DataLoader
     val_loader: DataLoader
@@ -35,6 +41,8 @@ class DataBundle:
     class_names: list[str]
     train_size: int
     val_size: int
+    kind: str = "image"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _root(cfg: DataConfig, what: str) -> Path:
@@ -123,4 +131,5 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
         class_names=list(train_src.classes),
         train_size=len(train_set),
         val_size=len(val_set),
+        model_kwargs={"num_classes": len(train_src.classes), "in_chans": out_chans, "img_size": cfg.img_size},
     )

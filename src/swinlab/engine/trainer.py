@@ -45,14 +45,8 @@ def _num_classes(cfg: TrainConfig, data) -> int:
 def _build_model(cfg: TrainConfig, data, device: torch.device, *, pretrained: str | None) -> nn.Module:
     import swinlab
 
-    model = swinlab.create_model(
-        cfg.model.name,
-        pretrained=pretrained,
-        num_classes=_num_classes(cfg, data),
-        in_chans=data.in_chans,
-        img_size=cfg.data.img_size,
-        **cfg.model.kwargs,
-    )
+    data_kwargs = {**data.model_kwargs, "num_classes": _num_classes(cfg, data)}
+    model = swinlab.create_model(cfg.model.name, pretrained=pretrained, **{**data_kwargs, **cfg.model.kwargs})
     if cfg.model.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise TypeError(f"model {cfg.model.name!r} does not support model.grad_checkpointing")
