@@ -1,9 +1,12 @@
 """ResNet / AlexNet: torchvision key layout, GMConv placement, plain-checkpoint loading, toolkit interface."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import swinlab
+from swinlab.config import load_config
 from swinlab.engine import param_groups
 from swinlab.layers import GMConv2d
 
@@ -123,6 +126,28 @@ def test_engine_param_groups_exempt_sigma_from_decay():
     assert not sigmas & {id(p) for p in decay["params"]}
 
 
+def test_cpu_sized_variants_keep_the_layout():
+    small = swinlab.create_model("resnet18_gmconv", num_classes=10, in_chans=1, img_size=28, width=8, stem="small")
+    assert small.img_size == 28 and small.conv1.kernel_size == (3, 3) and isinstance(small.conv1, GMConv2d)
+    stages = small.forward_features(torch.randn(2, 1, 28, 28), return_stages=True)
+    assert [tuple(s.shape[1:]) for s in stages] == [(8, 28, 28), (16, 14, 14), (32, 7, 7), (64, 4, 4)]
+    plain_keys = TORCHVISION["resnet18"][0]
+    assert [k for k in small.state_dict() if not k.endswith("log_sigma")] == plain_keys
+    assert swinlab.create_model("alexnet", img_size=96, hidden_features=8).img_size == 96
+
+
+def test_cpu_recipe_trains_through_the_engine(tmp_path):
+    from swinlab.engine import train
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "resnet18_gmconv_fashion.yaml"
+    overrides = ["epochs=1", "data.train_limit=128", "data.val_limit=64", "optim.warmup_epochs=0"]
+    result = train(load_config(recipe, [*overrides, f"output_dir={tmp_path}"]))
+    assert result["epochs_completed"] == 1 and 0 <= result["val_top1"] <= 100
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    sigma = state["layer1.0.conv1.log_sigma"].exp()
+    assert sigma.shape == (16, 1, 1) and not torch.allclose(sigma, torch.full_like(sigma, 1.5))  # sigma trained
+
+
 def test_input_errors():
     with pytest.raises(ValueError, match="at least 63x63"):
         swinlab.create_model("alexnet", num_classes=2, hidden_features=8)(torch.randn(1, 3, 32, 32))
@@ -130,3 +155,7 @@ def test_input_errors():
         swinlab.create_model("resnet18", num_classes=2)(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="unknown conv kind"):
         swinlab.create_model("resnet18", conv="dynamic")
+    with pytest.raises(ValueError, match="unknown ResNet stem 'cifar'"):
+        swinlab.create_model("resnet18", stem="cifar")
+    with pytest.raises(ValueError, match="img_size=32"):
+        swinlab.create_model("alexnet", img_size=32)

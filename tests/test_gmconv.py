@@ -59,6 +59,17 @@ def test_mask_formula_and_default_sigma():
     assert math.isclose(float(mask[0, 0, 0, 1]), math.exp(-1 / (2 * 1.5**2)), rel_tol=1e-6)
 
 
+def test_mask_first_built_in_inference_mode_still_trains():
+    from swinlab.layers.gmconv import _half_sq_offsets
+
+    _half_sq_offsets.cache_clear()  # the cached offset grid is first built below, in inference mode
+    gm = GMConv2d(2, 3, (3, 5), anisotropic=True)
+    with torch.inference_mode():
+        gm(torch.randn(1, 2, 6, 6))
+    gm(torch.randn(1, 2, 6, 6)).sum().backward()
+    assert gm.log_sigma.grad.abs().sum() > 0
+
+
 def test_non_square_centres_and_anisotropic_sigma():
     gm = GMConv2d(1, 1, (3, 5), anisotropic=True, sigma_init=(1.0, 2.0), granularity="layer")
     assert gm.log_sigma.shape == (1, 1, 2)

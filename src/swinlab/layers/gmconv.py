@@ -30,6 +30,7 @@ folds it for good so inference costs exactly a plain convolution.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -123,11 +124,11 @@ class GMConv2d(nn.Conv2d):
         """The mask for ``log_sigma`` (default: the layer's), broadcastable against ``weight``: shape
         ``(..., O or 1, I or 1, k_h, k_w)`` with any leading (per-sample) dims of ``log_sigma`` kept."""
         log_sigma = self.log_sigma if log_sigma is None else log_sigma
-        kh, kw = self.kernel_size
-        rows = torch.arange(kh, device=log_sigma.device, dtype=log_sigma.dtype) - (kh - 1) / 2
-        cols = torch.arange(kw, device=log_sigma.device, dtype=log_sigma.dtype) - (kw - 1) / 2
-        inv_var = torch.exp(-2 * log_sigma)[..., None, None, :] / 2  # 1 / (2 sigma^2), (..., O, I, 1, 1, axes)
-        return torch.exp(-(rows[:, None] ** 2 * inv_var[..., 0] + cols[None, :] ** 2 * inv_var[..., -1]))
+        grid = _half_sq_offsets(*self.kernel_size, self.anisotropic, log_sigma.device, log_sigma.dtype)
+        inv_var = torch.exp(-2 * log_sigma)[..., None]  # 1 / sigma^2, (..., O, I, axes, 1)
+        if self.anisotropic:
+            return torch.exp(-(inv_var[..., 0, :, None] * grid[0] + inv_var[..., 1, :, None] * grid[1]))
+        return torch.exp(-(inv_var * grid[0]))
 
     def masked_weight(self) -> torch.Tensor:
         """The weight the convolution uses: ``weight * mask`` (just ``weight`` without a mask)."""
@@ -220,6 +221,19 @@ class GMConv2d(nn.Conv2d):
         gm.weight.requires_grad_(conv.weight.requires_grad)
         gm.train(conv.training)
         return gm
+
+
+@functools.cache
+def _half_sq_offsets(kh: int, kw: int, anisotropic: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Squared offsets from the kernel centre, halved: ``(1, k_h, k_w)`` holding ``(di^2 + dj^2) / 2``, or
+    ``(2, k_h, k_w)`` holding ``di^2 / 2`` and ``dj^2 / 2`` for an anisotropic mask. Cached per kernel shape,
+    device and dtype: building them is most of the mask's cost on small layers (it runs every step). Built
+    outside inference mode, so a grid first made under ``torch.inference_mode`` can still be saved for backward."""
+    with torch.inference_mode(False):
+        rows = (torch.arange(kh, device=device, dtype=dtype) - (kh - 1) / 2)[:, None] ** 2 / 2
+        cols = (torch.arange(kw, device=device, dtype=dtype) - (kw - 1) / 2)[None, :] ** 2 / 2
+        rows, cols = torch.broadcast_tensors(rows, cols)
+        return torch.stack([rows, cols]) if anisotropic else (rows + cols)[None]
 
 
 def _sigma_init(

@@ -16,6 +16,7 @@ from swinlab.layers import conv2d_factory
 from swinlab.models.registry import register_model
 
 _HEAD = 6  # index of the last Linear in ``classifier``: the part reset_classifier replaces
+MIN_SIZE = 63  # smallest input side that survives the 11x11/4 conv and the three 3x3/2 max-pools
 
 
 class AlexNet(nn.Module):
@@ -24,19 +25,24 @@ class AlexNet(nn.Module):
     ``forward_features`` returns the output of the second hidden linear layer (``num_features`` =
     ``hidden_features``, 4096 as torchvision; smaller values make CPU-sized variants, 54M of the 61M parameters
     sit in those layers); ``forward_head`` is ``classifier.6``. ``gm_kwargs`` go to GMConv2d when
-    ``conv="gmconv"``.
+    ``conv="gmconv"``. ``img_size`` is the input side the model is meant for (read as ``model.img_size`` by
+    ``swinlab info`` / ``swinlab erf``); it must be at least 63, below which the max-pools run out of pixels.
     """
 
     def __init__(
         self,
         num_classes: int = 1000,
         in_chans: int = 3,
+        img_size: int = 224,
         conv: str = "plain",
         drop_rate: float = 0.5,
         hidden_features: int = 4096,
         **gm_kwargs,
     ) -> None:
         super().__init__()
+        if img_size < MIN_SIZE:
+            raise ValueError(f"AlexNet needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px, got img_size={img_size}")
+        self.img_size = img_size
         make_conv = conv2d_factory(conv, **gm_kwargs)
         self.conv = conv
         self.in_chans = in_chans
@@ -92,8 +98,8 @@ class AlexNet(nn.Module):
         """Features ``(B, num_features)``; with ``return_stages=True`` the conv maps after the three max-pools."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input, got shape {tuple(x.shape)}")
-        if min(x.shape[2:]) < 63:
-            raise ValueError(f"AlexNet needs inputs of at least 63x63 px, got {tuple(x.shape[2:])}")
+        if min(x.shape[2:]) < MIN_SIZE:
+            raise ValueError(f"AlexNet needs inputs of at least {MIN_SIZE}x{MIN_SIZE} px, got {tuple(x.shape[2:])}")
         maps = []
         for layer in self.features:
             x = layer(x)

@@ -5,6 +5,11 @@ Layout (torchvision names, so its checkpoints load strictly): ``conv1`` (7x7/2) 
 stride on the 3x3 as torchvision's "v1.5") with ``downsample.0`` (1x1 conv) / ``downsample.1`` (BN) ->
 global average pool -> ``fc``.
 
+``stem="small"`` replaces the 7x7/2 conv and max-pool by one 3x3/1 conv (the CIFAR-style stem, as He et al.
+2016 Sec. 4.2 use for 32 px inputs): the ImageNet stem divides a 28-32 px image by 4 before the first block and
+leaves ``layer4`` a 1x1 map. ``width`` scales every stage (64 in the paper); both change the model, not its key
+names, so CPU-sized variants stay in the same layout.
+
 ``conv="gmconv"`` builds every conv with a kernel larger than 1x1 as :class:`~swinlab.layers.GMConv2d`: the
 7x7 stem and every 3x3 (the 1x1 convs of the bottlenecks and shortcuts stay plain, a mask on 1x1 is 1). That
 placement is this toolkit's choice; the paper's could not be read. Other placements: build ``conv="plain"``
@@ -23,6 +28,7 @@ from swinlab.layers import conv2d_factory
 from swinlab.models.registry import register_model
 
 ConvFactory = Callable[..., nn.Conv2d]
+STEMS = ("imagenet", "small")
 
 
 class BasicBlock(nn.Module):
@@ -83,7 +89,11 @@ class ResNet(nn.Module):
         layers: blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
         num_classes: classes of ``fc`` (0 = no head, ``forward`` returns pooled features).
         in_chans: input image channels.
+        img_size: the input side the model is meant for (ResNets run at any size; tools such as
+            ``swinlab info`` and ``swinlab erf`` read it as ``model.img_size``).
         conv: ``"plain"`` or ``"gmconv"`` (see the module docstring); ``gm_kwargs`` go to GMConv2d.
+        width: channels of the first stage (stage ``i`` has ``width * 2**i``).
+        stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool) or ``"small"`` (3x3/1 conv, no pool).
         zero_init_residual: start each residual branch at zero (last BN weight 0), off as in torchvision.
     """
 
@@ -93,22 +103,34 @@ class ResNet(nn.Module):
         layers: Sequence[int],
         num_classes: int = 1000,
         in_chans: int = 3,
+        img_size: int = 224,
         conv: str = "plain",
+        width: int = 64,
+        stem: str = "imagenet",
         zero_init_residual: bool = False,
         **gm_kwargs,
     ) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown ResNet stem {stem!r}; choose one of {STEMS}")
+        if width < 1 or img_size < 1:
+            raise ValueError(f"width and img_size must be >= 1, got width={width}, img_size={img_size}")
         make_conv = conv2d_factory(conv, **gm_kwargs)
         self.conv = conv
         self.in_chans = in_chans
+        self.img_size = img_size
         self.grad_checkpointing = False
-        self.conv1 = make_conv(in_chans, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        if stem == "imagenet":
+            self.conv1 = make_conv(in_chans, width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = make_conv(in_chans, width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        in_chs = 64
+        in_chs = width
         for i, depth in enumerate(layers):
-            chs, stride = 64 * 2**i, 1 if i == 0 else 2
+            chs, stride = width * 2**i, 1 if i == 0 else 2
             blocks = []
             for j in range(depth):
                 downsample = None
@@ -164,7 +186,7 @@ class ResNet(nn.Module):
         self, x: torch.Tensor, return_stages: bool = False
     ) -> torch.Tensor | list[torch.Tensor]:
         """Pooled features ``(B, num_features)``; with ``return_stages=True`` the ``(B, C_i, H_i, W_i)``
-        output of every stage (strides 4, 8, 16, 32)."""
+        output of every stage (strides 4, 8, 16, 32; 1, 2, 4, 8 with the small stem)."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected a (B, {self.in_chans}, H, W) input, got shape {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
