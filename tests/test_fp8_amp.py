@@ -8,7 +8,7 @@ from torch import nn
 
 import swinlab
 from swinlab.engine import precision
-from swinlab.fp8 import FP8Linear, clear_flags, found_nonfinite, initialize
+from swinlab.fp8 import FP8SGD, FP8AdamW, FP8Linear, clear_flags, found_nonfinite, initialize
 from swinlab.fp8.amp import convert_linears, default_filter
 
 
@@ -29,24 +29,28 @@ def fp8_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, FP8Linear)}
 
 
-def test_o1_swaps_default_layers_and_keeps_optimizer_params():
+def test_o1_swaps_default_layers_and_rebuilds_the_optimizer_on_the_same_params():
     model = Tiny()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     params = list(model.parameters())
     model2, optimizer2 = initialize(model, optimizer, opt_level="O1")
-    assert model2 is model and optimizer2 is optimizer
+    assert model2 is model and isinstance(optimizer2, FP8SGD)
     assert fp8_names(model) == {"body.0", "body.2"}
-    assert list(model.parameters()) == params  # same Parameter objects, optimizer still valid
+    assert list(model.parameters()) == params  # same Parameter objects...
+    assert [p for g in optimizer2.param_groups for p in g["params"]] == params  # ...in the same groups
+    assert model.body[0].weight.dtype == torch.float16 and model.head.weight.dtype == torch.float32
     x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
     losses = []
     for _ in range(5):
         loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
+        optimizer2.zero_grad()
         loss.backward()
-        optimizer.step()
+        assert model.body[0].weight.grad is None and model.body[0].weight.fp8_grad is not None
+        optimizer2.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
-    assert model.body[0].weight.grad is not None  # default grad_mode: dequantised FP8 grads for stock optimizers
+    buffer = optimizer2.state[model.body[0].weight]["momentum_buffer"]
+    assert buffer.dtype == torch.float32  # O1: FP32 moments
 
 
 def test_model_level_nonfinite_flag():
@@ -78,10 +82,11 @@ def test_opt_level_errors():
     model = Tiny()
     with pytest.raises(ValueError, match="O4"):
         initialize(model, None, opt_level="O4")
-    for level in ("O2", "o3"):
-        with pytest.raises(NotImplementedError, match=level.upper()):
-            initialize(model, None, opt_level=level)
-    assert not fp8_names(model)
+    with pytest.raises(NotImplementedError, match="O3"):
+        initialize(model, None, opt_level="o3")
+    with pytest.raises(TypeError, match="RMSprop"):
+        initialize(model, torch.optim.RMSprop(model.parameters()), opt_level="O2")
+    assert not fp8_names(model)  # a refused call leaves the model alone
 
 
 def test_engine_precision_seam_runs_swin_nano_in_fp8():
@@ -99,7 +104,8 @@ def test_engine_precision_seam_runs_swin_nano_in_fp8():
     assert torch.isfinite(loss)
     unused = {name for name in converted if int(model.get_submodule(name).input_meta.steps) == 0}
     assert not unused  # every converted layer, the attention's qkv projection included, ran in FP8
-    with pytest.raises(NotImplementedError, match="O2"):
+    assert isinstance(optimizer, FP8AdamW) and optimizer.state_dtypes["exp_avg"] == torch.float32  # O1
+    with pytest.raises(TypeError, match="already an FP8 optimizer"):
         precision.wrap(model, optimizer, "fp8-o2")
 
 

@@ -226,7 +226,9 @@ class _Fit:
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad else math.inf
         if not params:  # e.g. every parameter frozen for this step
             params = [torch.zeros((), device=loss_finite.device, requires_grad=True)]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        fp8_clip = getattr(self.optimizer, "clip_grad_norm_", None)
+        # An FP8 optimizer's own clip also covers the E4M3 weight gradients, which live outside `.grad`.
+        norm = fp8_clip(max_norm) if fp8_clip else torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = all_ranks_true(bool(loss_finite & torch.isfinite(norm)), self.env)
         if finite:
             self.optimizer.step()

@@ -1,7 +1,16 @@
-"""``initialize(model, optimizer, opt_level)``: turn a model's linears into FP8 linears (FP8-LM's levels).
+"""``initialize(model, optimizer, opt_level)``: FP8-LM's levels on any ``nn.Module``.
 
-Only O1 exists so far. Layers are swapped in place (parameters are shared, so an optimizer built before the
-call keeps training the same tensors), which also makes it work on any ``nn.Module``, not just swinlab models.
+Layers are swapped in place and share their parameters, so the optimizer built before the call still names the
+same tensors; it is then rebuilt as an FP8 optimizer (:mod:`swinlab.fp8.optim`) with the level's storage:
+
+=====  ============  ============  ============  ============  ========================
+level  FP8 weight    weight grad   1st moment    2nd moment    bytes/param (FP8 layers)
+=====  ============  ============  ============  ============  ========================
+O1     FP16 + scale  E4M3 + scale  FP32          FP32          2 + 1 + 4 + 4 = 11
+O2     FP16 + scale  E4M3 + scale  E4M3 + scale  FP16 + scale  2 + 1 + 1 + 2 = 6
+=====  ============  ============  ============  ============  ========================
+
+The FP16 weight is the master (as in MS-AMP): no FP32 copy persists beside it.
 """
 
 from __future__ import annotations
@@ -12,10 +21,16 @@ import torch
 from torch import nn
 
 from swinlab.fp8.linear import ALIGN, FP8Linear
+from swinlab.fp8.optim import check_convertible, convert_optimizer
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
 OPT_LEVELS = ("O1", "O2", "O3")
+LEVEL_DTYPES: dict[str, dict[str, torch.dtype]] = {
+    "O1": {"master_dtype": torch.float16, "m1_dtype": torch.float32, "m2_dtype": torch.float32},
+    "O2": {"master_dtype": torch.float16, "m1_dtype": torch.float8_e4m3fn, "m2_dtype": torch.float16},
+}
+"""Storage of FP8 weights (``master_dtype``) and of their optimizer moments per level (see the table above)."""
 HEAD_NAMES = frozenset({"head", "fc", "classifier", "lm_head"})
 MIN_NUMEL = 64 * 64
 
@@ -79,27 +94,41 @@ def initialize(
     opt_level: str = "O1",
     *,
     module_filter: ModuleFilter | None = None,
-    grad_mode: str = "dequantized",
+    grad_mode: str = "fp8",
     history_len: int = 16,
     margin: int = 0,
+    master_dtype: torch.dtype | None = None,
+    m1_dtype: torch.dtype | None = None,
+    m2_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-    """Prepare ``model`` (and ``optimizer``) for FP8 training at ``opt_level``; returns ``(model, optimizer)``.
+    """Prepare ``model`` and ``optimizer`` for FP8 training at ``opt_level``; returns ``(model, optimizer)``.
 
-    Call once, after model and optimizer exist and before DistributedDataParallel. O1: the accepted linears
-    (``module_filter``, default :func:`default_filter`) become :class:`FP8Linear`; the optimizer is returned
-    unchanged because parameters are shared. ``grad_mode="dequantized"`` (default) hands autograd the
-    FP8-quantised weight gradient dequantised, so stock optimizers, gradient clipping, DDP and the engine's
-    non-finite check work; ``"fp8"`` keeps it as E4M3 in ``weight.fp8_grad`` for an FP8-aware optimizer.
+    Call once, after model and optimizer exist and before any wrapper (DDP, compile). The linears accepted by
+    ``module_filter`` (default :func:`default_filter`) become :class:`FP8Linear`; a ``torch.optim.AdamW`` or
+    ``torch.optim.SGD`` is replaced by its FP8 twin (same groups and hyper-parameters) storing FP8 weights and
+    moments as :data:`LEVEL_DTYPES` says. ``master_dtype`` / ``m1_dtype`` / ``m2_dtype`` override the level's
+    choice (the precision-decoupling ablations: e.g. ``master_dtype=torch.float8_e4m3fn``). Without an optimizer
+    (evaluation) only the layers are swapped. ``grad_mode="fp8"`` leaves weight gradients as E4M3 in
+    ``weight.fp8_grad``; ``"dequantized"`` hands them to autograd, which stores them in the weight's dtype, so it
+    needs ``master_dtype=torch.float32``.
     """
     level = str(opt_level).upper()
     if level not in OPT_LEVELS:
         raise ValueError(f"unknown opt_level {opt_level!r} (choose one of {', '.join(OPT_LEVELS)})")
-    if level != "O1":
-        raise NotImplementedError(
-            f"FP8 opt_level {level} (FP8 optimizer states{' + sharding' if level == 'O3' else ''}) is not "
-            "implemented yet (issue 3, section 2); use O1"
+    if level == "O3":
+        raise NotImplementedError("FP8 opt_level O3 (sharded FP8 states) is not implemented yet (issue 3); use O2")
+    overrides = {"master_dtype": master_dtype, "m1_dtype": m1_dtype, "m2_dtype": m2_dtype}
+    dtypes = {**LEVEL_DTYPES[level], **{k: v for k, v in overrides.items() if v is not None}}
+    if grad_mode == "dequantized" and optimizer is not None and dtypes["master_dtype"] != torch.float32:
+        raise ValueError(
+            f"grad_mode='dequantized' would store the weight gradients in the master dtype "
+            f"{dtypes['master_dtype']}; use grad_mode='fp8' (E4M3 + scale) or master_dtype=torch.float32"
         )
+    if optimizer is not None:
+        check_convertible(optimizer)  # before touching the model, so a refused optimizer leaves it as it was
     convert_linears(
         model, module_filter or default_filter, grad_mode=grad_mode, history_len=history_len, margin=margin
     )
+    if optimizer is not None:
+        optimizer = convert_optimizer(optimizer, **dtypes)
     return model, optimizer

@@ -40,7 +40,18 @@ class FP8Format:
 
 E4M3 = FP8Format("e4m3", torch.float8_e4m3fn, 448.0, 3)
 E5M2 = FP8Format("e5m2", torch.float8_e5m2, 57344.0, 2)
+# Not FP8, but scaled the same way: MS-AMP keeps O2's master weights and second moments as FP16 + per-tensor scale,
+# so the power-of-two scale spends FP16's 5 exponent bits on the tensor's actual range.
+FP16 = FP8Format("fp16", torch.float16, 65504.0, 10)
 FORMATS = {fmt.name: fmt for fmt in (E4M3, E5M2)}
+
+
+SCALED_DTYPES = {fmt.dtype: fmt for fmt in (E4M3, E5M2, FP16)}
+
+
+def storage_format(dtype: torch.dtype) -> FP8Format | None:
+    """The scaled format a tensor stored in ``dtype`` uses, or None for fp32/bf16 (their range needs no scale)."""
+    return SCALED_DTYPES.get(dtype)
 
 
 def get_format(fmt: FP8Format | str) -> FP8Format:
@@ -137,13 +148,17 @@ class ScalingMeta(nn.Module):
         self.steps.copy_(torch.where(finite, self.steps + 1, torch.zeros_like(self.steps)))
         self.scale.copy_(compute_scale(self.amax_history.max(), self.fmt, self.margin, self.scale))
 
-    def observe(self, x: torch.Tensor, *, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def observe(
+        self, x: torch.Tensor, *, frozen: bool = False, source_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, amax)`` to cast ``x`` with under this meta's policy; records the amax (once per cast).
 
         ``frozen`` (evaluation): current scaling from ``x`` alone and no history update, so inference neither
         saturates on a stale scale nor changes the training state; a non-finite source is still flagged.
+        ``source_scale``: ``x`` is itself a scaled payload holding ``values * source_scale`` (an FP16 master
+        weight); amax and scale then refer to the values.
         """
-        source_amax = amax(x)
+        source_amax = amax(x) if source_scale is None else amax(x) / source_scale
         if frozen:
             scale = compute_scale(source_amax, self.fmt, self.margin, self.scale)
             self.found_nonfinite |= ~torch.isfinite(source_amax)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinlab.fp8.formats import E4M3, E5M2, FP8Format, ScalingMeta
-from swinlab.fp8.tensor import ScaledFP8, quantize
+from swinlab.fp8.formats import E4M3, E5M2, FP8Format, ScalingMeta, storage_format
+from swinlab.fp8.tensor import ScaledFP8, quantize, quantize_current
 
 ALIGN = 16
 
@@ -57,10 +57,18 @@ def scaled_mm(a: ScaledFP8, b: ScaledFP8, out_dtype: torch.dtype = torch.float32
     return out[:, :n] if n_pad != n else out
 
 
-def _cast(meta: ScalingMeta, x: torch.Tensor, frozen: bool = False) -> tuple[ScaledFP8, torch.Tensor]:
-    """Quantise ``x`` with ``meta``; also return whether its source was finite (a bool tensor, no sync)."""
-    scale, source_amax = meta.observe(x, frozen=frozen)
-    return quantize(x, meta.fmt, scale), torch.isfinite(source_amax)
+def _cast(
+    meta: ScalingMeta, x: torch.Tensor, frozen: bool = False, source_scale: torch.Tensor | None = None
+) -> tuple[ScaledFP8, torch.Tensor]:
+    """Quantise ``x`` with ``meta``; also return whether its source was finite (a bool tensor, no sync).
+
+    ``source_scale``: ``x`` is a scaled payload (``values * source_scale``, e.g. an FP16 master weight); it is
+    re-scaled straight to FP8 (both scales are powers of two, so no rounding is added).
+    """
+    scale, source_amax = meta.observe(x, frozen=frozen, source_scale=source_scale)
+    if source_scale is None:
+        return quantize(x, meta.fmt, scale), torch.isfinite(source_amax)
+    return ScaledFP8(quantize(x, meta.fmt, scale / source_scale).data, scale, meta.fmt), torch.isfinite(source_amax)
 
 
 def _poison(result: torch.Tensor, *finite: torch.Tensor) -> torch.Tensor:
@@ -75,7 +83,7 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: FP8Linear):
         q_x, x_finite = _cast(layer.input_meta, x, frozen=not layer.training)
-        q_w, w_finite = _cast(layer.weight_meta, weight, frozen=not layer.training)
+        q_w, w_finite = _cast(layer.weight_meta, weight, frozen=not layer.training, source_scale=layer.master_scale)
         out = _poison(scaled_mm(q_x, q_w.t()), x_finite, w_finite)
         if bias is not None:
             out = out + bias.float()
@@ -145,6 +153,7 @@ class FP8Linear(nn.Linear):
         if grad_mode not in self.GRAD_MODES:
             raise ValueError(f"unknown grad_mode {grad_mode!r} (choose one of {', '.join(self.GRAD_MODES)})")
         self.grad_mode = grad_mode
+        self.weight.fp8_weight = True
         self.input_meta = ScalingMeta(E4M3, history_len=history_len, margin=margin, policy="delayed")
         self.weight_meta = ScalingMeta(E4M3, history_len=1, margin=margin, policy="current")
         self.grad_output_meta = ScalingMeta(grad_format, history_len=history_len, margin=margin, policy="delayed")
@@ -164,6 +173,7 @@ class FP8Linear(nn.Linear):
         """An FP8Linear sharing ``linear``'s parameter objects (optimizers holding them stay valid)."""
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
         layer.weight = linear.weight
+        layer.weight.fp8_weight = True
         layer.bias = linear.bias
         for meta in layer.metas():
             meta.to(linear.weight.device)
@@ -182,6 +192,41 @@ class FP8Linear(nn.Linear):
         for meta in self.metas():
             meta.clear_flags()
 
+    @property
+    def master_scale(self) -> torch.Tensor | None:
+        """Scale of the weight when an FP8 optimizer stores it as a scaled low-precision master (FP16/FP8 payload
+        ``values * master_scale``, see :mod:`swinlab.fp8.optim`); None while it holds plain values."""
+        return getattr(self.weight, "master_scale", None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A scaled master is saved as its values (exact: the scale is a power of two), so the checkpoint loads
+        into ``nn.Linear`` too, plus ``weight_scale``, which restores the payload bit for bit."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        scale = self.master_scale
+        if scale is not None:
+            fmt = storage_format(self.weight.dtype)
+            destination[prefix + "weight"] = ScaledFP8(self.weight.detach(), scale.detach(), fmt).dequantize()
+            destination[prefix + "weight_scale"] = scale.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Values (any float dtype) are re-quantised into a scaled master with the saved ``weight_scale`` (or a
+        fresh current scale when the file has none, e.g. an ``nn.Linear`` checkpoint)."""
+        key = prefix + "weight"
+        saved_scale = state_dict.pop(prefix + "weight_scale", None)
+        scale = self.master_scale
+        if scale is not None and key in state_dict:
+            fmt = storage_format(self.weight.dtype)
+            values = state_dict[key].to(scale.device)
+            if saved_scale is None:
+                q = quantize_current(values, fmt, scale)
+            else:
+                q = quantize(values, fmt, saved_scale.to(scale.device))
+            state_dict[key] = q.data
+            scale.copy_(q.scale)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def zero_fp8_grad(self) -> None:
         self.weight.fp8_grad = None
 
@@ -193,7 +238,10 @@ class FP8Linear(nn.Linear):
         q_grad, finite = _cast(self.grad_weight_meta, grad_w)
         if self.grad_mode == "dequantized":
             return _poison(q_grad.dequantize(dtype), finite)
-        self.weight.fp8_grad = q_grad
+        # A non-finite source poisons the scale (the payload saturated silently): the gradient dequantises to NaN
+        # everywhere, so an optimizer or norm that reads it cannot take it for a number.
+        nan = torch.full_like(q_grad.scale, float("nan"))
+        self.weight.fp8_grad = ScaledFP8(q_grad.data, torch.where(finite, q_grad.scale, nan), q_grad.fmt)
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swinlab.fp8.formats import FP8Format, get_format, saturating_cast
+from swinlab.fp8.formats import FP8Format, amax, compute_scale, get_format, saturating_cast
 
 
 @dataclass
@@ -59,3 +59,11 @@ def quantize(x: torch.Tensor, fmt: FP8Format | str, scale: torch.Tensor | float)
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
     data = saturating_cast(x.detach().float() * scale, fmt)
     return ScaledFP8(data, scale, fmt)
+
+
+def quantize_current(x: torch.Tensor, fmt: FP8Format, previous: torch.Tensor | None = None) -> ScaledFP8:
+    """Quantise ``x`` with a scale from its own amax (current scaling, margin 0: MS-AMP's rule for optimizer
+    states and master weights); a zero or non-finite amax keeps ``previous`` (default 1)."""
+    if previous is None:
+        previous = torch.ones((), dtype=torch.float32, device=x.device)
+    return quantize(x, fmt, compute_scale(amax(x), fmt, 0, previous))
