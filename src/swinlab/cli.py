@@ -74,16 +74,46 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+INFO_META_PARAMS = 10**9
+"""``swinlab info`` measures bigger models on the meta device (shapes only): GPT-175B would need 700 GB."""
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from swinlab import create_model
     from swinlab.metrics.flops import measure
 
-    model = create_model(args.model, **({"img_size": args.img_size} if args.img_size else {}))
-    size = args.img_size or getattr(model, "img_size", 224)
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    cost = measure(model, (args.batch, getattr(model, "in_chans", 3), size, size))
-    print(f"model             {args.model}")
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    with torch.device("meta"):
+        model = create_model(args.model, **kwargs)
+    params = sum(p.numel() for p in model.parameters())
+    on_meta = params > INFO_META_PARAMS
+    if not on_meta:
+        model = create_model(args.model, **kwargs)
+    if hasattr(model, "vocab_size") and hasattr(model, "block_size"):  # a language model: one full context
+        cost = measure(model, (args.batch, model.block_size), dtype=torch.int64)
+    else:
+        size = args.img_size or getattr(model, "img_size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        cost = measure(model, (args.batch, getattr(model, "in_chans", 3), size, size))
+    print(f"model             {args.model}{' (measured on the meta device: nothing allocated)' if on_meta else ''}")
     print(cost.format())
+    # FP8-LM's accounting of persistent training state: mixed-precision Adam keeps 16 B/param (FP32 master,
+    # gradient, two moments), its O2 level 6 B/param (FP16 master 2, FP8 gradient 1, FP8 m1 1, FP16 m2 2).
+    print(f"training state    {16 * params / 2**30:.2f} GiB with mixed-precision Adam (16 B/param), "
+          f"{6 * params / 2**30:.2f} GiB with FP8-LM O2 (6 B/param)")  # fmt: skip
+    return 0
+
+
+def _cmd_erf(args: argparse.Namespace) -> int:
+    from swinlab.metrics.erf import erf_report
+
+    report = erf_report(
+        [args.source, *args.compare], args.layer, inputs=args.inputs, batch=args.batch, img_size=args.img_size,
+        pretrained=args.pretrained, out_dir=args.out, seed=args.seed,
+    )  # fmt: skip
+    print(report.format())
     return 0
 
 
@@ -92,8 +122,17 @@ def _print_result(result: dict) -> None:
     if "val_top1" in result:
         top5 = f", top-5 {result['val_top5']:.2f}%" if "val_top5" in result else ""
         print(f"validation top-1 {result['val_top1']:.2f}%{top5}, loss {result.get('val_loss', float('nan')):.4f}")
+    if "val_ppl" in result:  # language modelling
+        print(
+            f"validation loss  {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.3f}, "
+            f"{result['val_bpb']:.4f} bits/byte"
+        )
     if result.get("best") is not None:
-        print(f"best top-1       {result['best']:.2f}% after {result.get('epochs_completed', '?')} epochs")
+        epochs = result.get("epochs_completed", "?")
+        if "val_ppl" in result:
+            print(f"best val loss    {result['best']:.4f} after {epochs} epochs")
+        else:
+            print(f"best top-1       {result['best']:.2f}% after {epochs} epochs")
     if "run_dir" in result:
         print(f"run folder       {result['run_dir']} (metrics.csv, curves.png, checkpoint.pt)")
     if "checkpoint" in result:
@@ -127,6 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own)")
     p.add_argument("--batch", type=int, default=1)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "erf",
+        help="effective receptive field heatmap and learned GMConv sigmas of a run or model",
+        description="Measure the effective receptive field (mean |d centre output / d input|) of a layer's centre "
+        "unit and write erf_<layer>.png (heatmaps + radial profiles) and sigma.png (learned sigma per GMConv layer); "
+        "print the ERF spread and the sigma table. Compare e.g. a GMConv run with its plain twin: "
+        "swinlab erf runs/resnet18_gmconv_fashion --layer layer2.1.conv2 --compare runs/resnet18_fashion",
+    )
+    p.add_argument("source", help="run folder, checkpoint file, or registered model name")
+    p.add_argument("--layer", default=None, help="module name, e.g. layer2.1.conv2 (default: the last conv)")
+    p.add_argument("--compare", action="append", default=[], metavar="SOURCE",
+                   help="another run / checkpoint / model to show side by side (repeatable)")  # fmt: skip
+    p.add_argument("--inputs", choices=("data", "noise"), default="data",
+                   help="validation images of the source's data (a model name: the embedded Fashion-MNIST), "
+                   "or standard-normal noise")  # fmt: skip
+    p.add_argument("--batch", type=int, default=32, help="images averaged over")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the run's or the model's)")
+    p.add_argument("--pretrained", default=None, help="weights for a model name (checkpoint path)")
+    p.add_argument("--out", default=None, help="output folder (default: the run folder, or ./erf for a model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise inputs")
+    p.set_defaults(func=_cmd_erf)
     return parser
 
 

@@ -1,18 +1,27 @@
-"""Effective receptive fields (Luo et al. 2016) and learned GMConv sigmas, as arrays and as pictures.
+"""Effective receptive fields (Luo et al. 2016) and learned GMConv sigmas, as arrays, tables and pictures.
 
 The ERF of a layer is how strongly each input pixel moves the layer's centre unit: the mean over a batch of
 ``|d (sum over channels of the centre output) / d input|``. It is what GMConv claims to reshape, so these
-functions let a user see what a trained GMConv changed. Plots import matplotlib lazily.
+functions (and ``swinlab erf``, which calls :func:`erf_report`) let a user see what a trained GMConv changed:
+two models side by side on the same images, the radial profile of each ERF, and every layer's learned sigma
+against its initial value. Plots import matplotlib lazily.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from swinlab.config import DataConfig
 from swinlab.layers.gmconv import GMConv2d
+
+INPUTS = ("data", "noise")
 
 
 class _Stop(Exception):
@@ -23,14 +32,18 @@ class _Stop(Exception):
         self.output = output
 
 
+def _conv_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
 def _capture(model: nn.Module, inputs: torch.Tensor, layer: str | None) -> torch.Tensor:
     if layer is None:
         return model(inputs)
     try:
         module = model.get_submodule(layer)
     except AttributeError:
-        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        raise ValueError(f"model has no layer {layer!r}; conv layers: {', '.join(convs) or 'none'}") from None
+        convs = ", ".join(_conv_names(model)) or "none"
+        raise ValueError(f"model has no layer {layer!r}; conv layers: {convs}") from None
 
     def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
         raise _Stop(output)
@@ -70,22 +83,64 @@ def effective_receptive_field(model: nn.Module, inputs: torch.Tensor, layer: str
     return grad.abs().mean(dim=(0, 1))
 
 
-def erf_spread(erf: torch.Tensor) -> float:
-    """RMS distance (pixels) of the ERF mass from its centroid: one number saying how wide the field is."""
+def _centroid_distance(erf: torch.Tensor) -> torch.Tensor:
+    """Distance (pixels) of every map position from the ERF's centre of mass."""
     weights = erf / erf.sum()
     rows = torch.arange(erf.shape[0], dtype=erf.dtype, device=erf.device)[:, None]
     cols = torch.arange(erf.shape[1], dtype=erf.dtype, device=erf.device)[None, :]
     r0, c0 = (weights * rows).sum(), (weights * cols).sum()
-    return float((weights * ((rows - r0) ** 2 + (cols - c0) ** 2)).sum().sqrt())
+    return ((rows - r0) ** 2 + (cols - c0) ** 2).sqrt()
 
 
-def learned_sigmas(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The static sigma of every masked GMConv2d, by qualified name (flattened, detached, on the CPU)."""
-    return {
-        name: m.sigma.detach().flatten().cpu()
+def erf_spread(erf: torch.Tensor) -> float:
+    """RMS distance (pixels) of the ERF mass from its centroid: one number saying how wide the field is."""
+    return float(((erf / erf.sum()) * _centroid_distance(erf) ** 2).sum().sqrt())
+
+
+def radial_profile(erf: torch.Tensor) -> torch.Tensor:
+    """Mean of the max-normalised ERF in 1-pixel rings around its centroid: index ``r`` holds the distances
+    that round to ``r``. A concentrated field falls off fast; a square kernel's stays flat, then drops."""
+    rings = _centroid_distance(erf).round().long().flatten()
+    values = (erf / erf.max()).flatten()
+    sums = torch.zeros(int(rings.max()) + 1, dtype=erf.dtype).index_add_(0, rings, values)
+    counts = torch.zeros_like(sums).index_add_(0, rings, torch.ones_like(values))
+    return sums / counts.clamp_min(1)
+
+
+# -- learned sigmas --
+
+
+@dataclass(frozen=True)
+class SigmaRow:
+    """One masked GMConv2d: its kernel, initial sigma(s) and current static sigmas (flattened, on the CPU)."""
+
+    layer: str
+    kernel: tuple[int, int]
+    init: tuple[float, ...]
+    values: torch.Tensor
+
+    def format(self) -> str:
+        v = self.values
+        init = "/".join(f"{s:.2f}" for s in self.init)
+        return (
+            f"{self.layer:<24} {self.kernel[0]}x{self.kernel[1]:<4} {init:>9} {float(v.median()):>7.3f} "
+            f"{float(v.min()):>7.3f} {float(v.max()):>7.3f} {v.numel():>5}"
+        )
+
+
+SIGMA_HEADER = f"{'layer':<24} {'kernel':<6} {'init':>9} {'median':>7} {'min':>7} {'max':>7} {'n':>5}"
+
+
+def sigma_table(model: nn.Module) -> list[SigmaRow]:
+    """Every masked GMConv2d of ``model`` in network order (an anisotropic layer lists both axes' sigmas)."""
+    return [
+        SigmaRow(name, tuple(m.kernel_size), m.sigma_init, m.sigma.detach().flatten().cpu())
         for name, m in model.named_modules()
         if isinstance(m, GMConv2d) and m.log_sigma is not None
-    }
+    ]
+
+
+# -- pictures --
 
 
 def _pyplot():
@@ -97,30 +152,185 @@ def _pyplot():
     return plt
 
 
-def save_erf_heatmap(erf: torch.Tensor, path: str | Path, title: str | None = None) -> Path:
-    """Write the ERF map as a PNG heatmap (normalised to its maximum) and return the path."""
+def save_erf_figure(erfs: Mapping[str, torch.Tensor], path: str | Path, title: str | None = None) -> Path:
+    """One heatmap per labelled ERF (each normalised to its maximum, spread in the title) and their radial
+    profiles overlaid in a last panel, so two models read side by side; returns the PNG's path."""
+    if not erfs:
+        raise ValueError("no ERF maps to plot")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    image = ax.imshow((erf / erf.max()).cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="|d centre / d input| (normalised)")
-    ax.set_title(title or f"ERF (spread {erf_spread(erf):.1f} px)")
+    n = len(erfs)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.4 * (n + 1) + 0.8, 3.6), squeeze=False, layout="constrained")
+    for ax, (label, erf) in zip(axes[0], erfs.items(), strict=False):
+        image = ax.imshow((erf / erf.max()).cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"{label}\n{erf.shape[0]}x{erf.shape[1]} input, spread {erf_spread(erf):.2f} px", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(image, ax=axes[0][n - 1], shrink=0.8, label="|d centre / d input| / max")
+    profile_ax = axes[0][n]
+    for label, erf in erfs.items():
+        profile_ax.plot(radial_profile(erf.cpu()).numpy(), marker=".", label=label)
+    profile_ax.set_xlabel("distance from centre (px)")
+    profile_ax.set_ylabel("mean normalised ERF")
+    profile_ax.set_title("radial profile", fontsize=9)
+    profile_ax.legend(fontsize=7)
+    profile_ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def save_sigma_plot(sigmas: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write one box per GMConv layer (its sigmas, in kernel-index units) in network order as a PNG."""
-    if not sigmas:
-        raise ValueError("no GMConv sigmas to plot (the model has no masked GMConv2d layer)")
+def save_sigma_plot(tables: Mapping[str, Sequence[SigmaRow]], path: str | Path) -> Path:
+    """Boxes of each GMConv layer's learned sigma relative to its initial value (1 = unchanged; below 1 a more
+    concentrated kernel), in network order, one colour per labelled model, as a PNG. Relative, because a 7x7
+    and a 3x3 layer start at different sigmas; :meth:`SigmaRow.format` prints the absolute values. Models
+    without GMConv layers are left out."""
+    tables = {label: rows for label, rows in tables.items() if rows}
+    if not tables:
+        raise ValueError("no GMConv sigmas to plot (no model has a masked GMConv2d layer)")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(sigmas)), 4))
-    ax.boxplot([s.numpy() for s in sigmas.values()])
-    ax.set_xticks(range(1, len(sigmas) + 1), list(sigmas), rotation=90, fontsize=7)
-    ax.set_ylabel("sigma (kernel-index units)")
-    ax.set_title("learned GMConv sigma per layer")
+    layers = list(dict.fromkeys(row.layer for rows in tables.values() for row in rows))
+    width = 0.8 / len(tables)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers)), 4), layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="initial sigma")
+    for i, (label, rows) in enumerate(tables.items()):
+        by_layer = {row.layer: row for row in rows}
+        pos = [j + (i - (len(tables) - 1) / 2) * width for j, name in enumerate(layers) if name in by_layer]
+        ratios = [(by_layer[name].values / max(by_layer[name].init)).numpy() for name in layers if name in by_layer]
+        colour = colours[i % len(colours)]
+        ax.boxplot(ratios, positions=pos, widths=width * 0.85, patch_artist=True, showfliers=False,
+                   boxprops={"facecolor": colour, "alpha": 0.5}, medianprops={"color": colour})  # fmt: skip
+        ax.plot([], [], color=colour, lw=6, alpha=0.5, label=label)
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
+    ax.set_ylabel("learned sigma / initial sigma")
+    ax.set_title("GMConv sigma per layer (box: channels' quartiles, whiskers: 1.5 IQR)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- models and inputs for `swinlab erf` --
+
+
+@dataclass
+class ERFSource:
+    """A model to probe and where its images come from: a run folder / checkpoint (its config's validation
+    set) or a registered model name (the embedded Fashion-MNIST at the model's input size and channels)."""
+
+    label: str
+    model: nn.Module
+    data: DataConfig
+
+
+def load_source(source: str, img_size: int | None = None, pretrained: str | None = None) -> ERFSource:
+    """Build the model ``source`` names: an existing path is a run folder or checkpoint file (weights loaded),
+    anything else a registered model name (``pretrained`` weights optional)."""
+    import swinlab
+
+    path = Path(source)
+    if path.exists():
+        from swinlab import data
+        from swinlab.engine.checkpoint import load_checkpoint
+        from swinlab.engine.trainer import _build_model, config_from_checkpoint
+
+        ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+        cfg = config_from_checkpoint(ckpt)
+        if img_size is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=img_size))
+        bundle = data.build(dataclasses.replace(cfg.data, val_limit=1), seed=cfg.seed)
+        model = _build_model(cfg, bundle, torch.device("cpu"), pretrained=None)
+        model.load_state_dict(ckpt["model"])
+        return ERFSource(label=str(source), model=model.eval(), data=cfg.data)
+    model = swinlab.create_model(source, pretrained=pretrained, **({"img_size": img_size} if img_size else {}))
+    size = img_size or getattr(model, "img_size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    cfg = DataConfig(name="fashion_mnist_embedded", img_size=size, in_chans=getattr(model, "in_chans", 3))
+    return ERFSource(label=source, model=model.eval(), data=cfg)
+
+
+def probe_inputs(source: ERFSource, kind: str = "data", batch: int = 32, seed: int = 0) -> torch.Tensor:
+    """``batch`` inputs for ``source``: the first validation images of its data (normalised as in training),
+    or standard-normal noise of the same shape (``kind="noise"``, seeded)."""
+    if kind not in INPUTS:
+        raise ValueError(f"unknown ERF inputs {kind!r}; choose one of {INPUTS}")
+    if batch < 1:
+        raise ValueError(f"the ERF batch must be >= 1, got {batch}")
+    from swinlab import data
+
+    cfg = dataclasses.replace(source.data, val_limit=batch, eval_batch_size=batch, augment="none")
+    images, _ = next(iter(data.build(cfg, seed=seed).val_loader))
+    if kind == "noise":
+        return torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    return images
+
+
+@dataclass
+class ERFReport:
+    """What :func:`erf_report` measured and wrote."""
+
+    layer: str
+    inputs: str
+    erfs: dict[str, torch.Tensor]
+    sigmas: dict[str, list[SigmaRow]]
+    figure: Path
+    sigma_figure: Path | None
+
+    def format(self) -> str:
+        lines = [f"ERF of {self.layer}'s centre unit ({self.inputs} inputs); spread = RMS radius of the field"]
+        lines += [f"  {label:<40} spread {erf_spread(erf):6.2f} px" for label, erf in self.erfs.items()]
+        for label, rows in self.sigmas.items():
+            lines += ["", f"GMConv sigma per layer (kernel-index units): {label}"]
+            lines += [SIGMA_HEADER, *(row.format() for row in rows)] if rows else ["  (no GMConv layers)"]
+        lines += ["", f"heatmaps         {self.figure}"]
+        if self.sigma_figure is not None:
+            lines.append(f"sigma plot       {self.sigma_figure}")
+        return "\n".join(lines)
+
+
+def _file_stem(layer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", layer)
+
+
+def erf_report(
+    sources: Sequence[str],
+    layer: str | None = None,
+    *,
+    inputs: str = "data",
+    batch: int = 32,
+    img_size: int | None = None,
+    pretrained: str | None = None,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+) -> ERFReport:
+    """Measure ``layer``'s ERF (default: the first model's last conv) for each source (run folder, checkpoint
+    or model name; the first is the one being studied, the others are compared with it on their own images,
+    which are the same ones when the data config is) and write ``erf_<layer>.png`` and ``sigma.png``.
+
+    ``out_dir`` defaults to the first source's run folder, or ``erf/`` for a model name.
+    """
+    if not sources:
+        raise ValueError("give at least one run folder, checkpoint or model name")
+    loaded = [load_source(s, img_size=img_size, pretrained=pretrained) for s in sources]
+    if layer is None:
+        convs = _conv_names(loaded[0].model)
+        if not convs:
+            raise ValueError(f"{sources[0]!r} has no conv layer; pass --layer NAME")
+        layer = convs[-1]
+    erfs = {src.label: effective_receptive_field(src.model, probe_inputs(src, inputs, batch, seed), layer)
+            for src in loaded}  # fmt: skip
+    sigmas = {src.label: sigma_table(src.model) for src in loaded}
+    if out_dir is None:
+        first = Path(sources[0])
+        out_dir = first if first.is_dir() else first.parent if first.is_file() else Path("erf")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figure = save_erf_figure(erfs, out / f"erf_{_file_stem(layer)}.png", title=f"ERF at {layer} ({inputs} inputs)")
+    sigma_figure = save_sigma_plot(sigmas, out / "sigma.png") if any(sigmas.values()) else None
+    return ERFReport(layer, inputs, erfs, sigmas, figure, sigma_figure)
+
