@@ -1,0 +1,106 @@
+"""Worker of the multi-process FP8 tests (FP8 all-reduce, FP8 under the engine's DDP, O3), run under torchrun.
+
+``python -m torch.distributed.run --standalone --nproc_per_node 2 _fp8_dist_worker.py MODE OUT [ARGS]``: every rank
+runs MODE on gloo and rank 0 saves what the test asserts on to ``OUT`` (``torch.save``).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).norm() / ref.norm())
+
+
+def fp32_mean(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def comm_checks() -> dict:
+    """The all-reduce evidence (the benchmark's own run) plus the edge cases of swinlab.fp8.comm."""
+    import bench_fp8_allreduce
+    from swinlab.fp8.comm import FP8CommState, data_parallel, fp8_all_reduce_, fp8_allreduce_hook
+    from swinlab.fp8.linear import FP8Linear
+
+    rank = dist.get_rank()
+    out: dict = {"bench": bench_fp8_allreduce.run(repeats=1)}
+
+    # Inf on one rank poisons that tensor on every rank, and only that one.
+    g = torch.Generator().manual_seed(rank)
+    bad, good = torch.randn(100, generator=g), torch.randn(50, generator=g)
+    if rank == 1:
+        bad[3] = float("inf")
+    fp8_all_reduce_([bad, good], FP8CommState())
+    out["poison"] = (bool(torch.isnan(bad).all()), bool(torch.isfinite(good).all()))
+
+    # Sizes that do not split evenly over the ranks, through both exchanges.
+    for exchange in ("reduce_scatter", "all_gather"):
+        tensors = [torch.randn(n, generator=g) * 10.0**k for n, k in ((7, -6), (5, 0), (1, 3))]
+        refs = [fp32_mean(t) for t in tensors]
+        fp8_all_reduce_(tensors, FP8CommState(exchange=exchange))
+        out[f"odd_{exchange}"] = [rel_l2(t, r) for t, r in zip(tensors, refs, strict=True)]
+
+    # DDP hook with a parameter filter: the bias stays FP32 (exact), the weight goes through FP8.
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    ddp = nn.parallel.DistributedDataParallel(layer)
+    ddp.register_comm_hook(FP8CommState(fp8_params=[layer.weight]), fp8_allreduce_hook)
+    x = torch.randn(8, 64, generator=g)
+    reference = nn.Linear(64, 32)
+    reference.load_state_dict(layer.state_dict())
+    reference(x).square().sum().backward()
+    ddp(x).square().sum().backward()
+    out["filter"] = {
+        "bias_err": float((layer.bias.grad - fp32_mean(reference.bias.grad)).abs().max()),
+        "weight_rel": rel_l2(layer.weight.grad, fp32_mean(reference.weight.grad)),
+    }
+
+    # FP8 gradients kept in weight.fp8_grad: hidden from DDP, averaged at the end of a synchronising backward only.
+    torch.manual_seed(0)
+    model = nn.Sequential(FP8Linear(64, 64, grad_mode="fp8"), nn.ReLU(), nn.Linear(64, 16))
+    fp8_weight = model[0].weight
+    ddp = data_parallel(model)
+    with ddp.no_sync():
+        ddp(torch.randn(8, 64, generator=g)).square().sum().backward()
+    local = fp8_weight.fp8_grad.dequantize()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    out["no_sync_local"] = not torch.equal(gathered[0], gathered[1])
+    model[0].zero_fp8_grad()
+    model.zero_grad()
+    alone = copy.deepcopy(model)  # same delayed-scaling histories as the DDP model
+    ddp(x).square().sum().backward()
+    alone(x).square().sum().backward()
+    out["fp8_grad"] = {
+        "is_fp8": fp8_weight.fp8_grad.data.dtype == torch.float8_e4m3fn,
+        "grad_none": fp8_weight.grad is None,
+        "weight_rel": rel_l2(fp8_weight.fp8_grad.dequantize(), fp32_mean(alone[0].weight.fp8_grad.dequantize())),
+        "head_err": float((model[2].weight.grad - fp32_mean(alone[2].weight.grad)).abs().max()),
+    }
+    return out
+
+
+def main(mode: str, out_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        result = {"comm": comm_checks}[mode]()
+        if dist.get_rank() == 0:
+            torch.save(result, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
