@@ -56,13 +56,15 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves during one training-mode forward of ``x``."""
+    # Storages are told apart by their C++ object (``_cdata``), not by data_ptr(), which is 0 for every tensor on
+    # the meta device (where models too big to allocate are measured).
     seen: dict[int, int] = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        if storage._cdata not in params:
+            seen[storage._cdata] = storage.nbytes()
         return t
 
     was_training = model.training
@@ -75,10 +77,17 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def measure(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
-    """Params, FLOPs and activation memory of ``model`` for inputs of ``input_shape`` (batch first)."""
+def measure(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> ModelCost:
+    """Params, FLOPs and activation memory of ``model`` for inputs of ``input_shape`` (batch first).
+
+    ``dtype`` is the input's: floating inputs are random normal, integer ones (token ids) zeros. A model on the
+    meta device is measured without allocating anything (FLOPs and saved-tensor sizes depend on shapes only).
+    """
     device = next(model.parameters()).device
-    x = torch.randn(input_shape, device=device)
+    if dtype.is_floating_point:
+        x = torch.randn(input_shape, device=device, dtype=dtype)
+    else:
+        x = torch.zeros(input_shape, device=device, dtype=dtype)
     batch = input_shape[0]
     total, trainable = count_params(model)
     return ModelCost(
