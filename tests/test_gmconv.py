@@ -60,9 +60,9 @@ def test_mask_formula_and_default_sigma():
 
 
 def test_mask_first_built_in_inference_mode_still_trains():
-    from swinlab.layers.gmconv import _half_sq_offsets
+    from swinlab.layers.gmconv import _cached_offset_grid
 
-    _half_sq_offsets.cache_clear()  # the cached offset grid is first built below, in inference mode
+    _cached_offset_grid.cache_clear()  # the cached offset grid is first built below, in inference mode
     gm = GMConv2d(2, 3, (3, 5), anisotropic=True)
     with torch.inference_mode():
         gm(torch.randn(1, 2, 6, 6))

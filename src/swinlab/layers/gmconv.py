@@ -223,17 +223,26 @@ class GMConv2d(nn.Conv2d):
         return gm
 
 
-@functools.cache
 def _half_sq_offsets(kh: int, kw: int, anisotropic: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Squared offsets from the kernel centre, halved: ``(1, k_h, k_w)`` holding ``(di^2 + dj^2) / 2``, or
     ``(2, k_h, k_w)`` holding ``di^2 / 2`` and ``dj^2 / 2`` for an anisotropic mask. Cached per kernel shape,
-    device and dtype: building them is most of the mask's cost on small layers (it runs every step). Built
-    outside inference mode, so a grid first made under ``torch.inference_mode`` can still be saved for backward."""
+    device and dtype in eager mode: building them is most of the mask's cost on small layers (it runs every
+    step); a compiled graph bakes them in instead (and dynamo warns about cached functions)."""
+    if torch.compiler.is_compiling():
+        return _offset_grid(kh, kw, anisotropic, device, dtype)
+    return _cached_offset_grid(kh, kw, anisotropic, device, dtype)
+
+
+def _offset_grid(kh: int, kw: int, anisotropic: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Built outside inference mode, so a grid first made under torch.inference_mode can be saved for backward.
     with torch.inference_mode(False):
         rows = (torch.arange(kh, device=device, dtype=dtype) - (kh - 1) / 2)[:, None] ** 2 / 2
         cols = (torch.arange(kw, device=device, dtype=dtype) - (kw - 1) / 2)[None, :] ** 2 / 2
         rows, cols = torch.broadcast_tensors(rows, cols)
         return torch.stack([rows, cols]) if anisotropic else (rows + cols)[None]
+
+
+_cached_offset_grid = functools.cache(_offset_grid)
 
 
 def _sigma_init(
