@@ -91,11 +91,57 @@ def comm_checks() -> dict:
     return out
 
 
-def main(mode: str, out_path: str) -> None:
+class FP8Net(nn.Module):
+    """The engine tests' tiny classifier with one hidden linear big enough for FP8 (64x64, dims multiples of 16)."""
+
+    def __init__(self, in_dim: int = 8, hidden: int = 64, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Linear(in_dim, hidden)  # 8 inputs: not FP8-able, stays FP32
+        self.mlp = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mlp(torch.relu(self.stem(x)))))
+
+
+def train_fp8_net(output_dir: str, precision: str, batch_size: int, env=None):
+    """Train FP8Net through the engine (precision.wrap + fit) on the DDP test's data; returns (model, result)."""
+    from _ddp_worker import tiny_config, tiny_loaders
+    from swinlab.engine import ClassificationTask, build_optimizer, fit
+    from swinlab.engine import precision as precision_seam
+
+    cfg = tiny_config(output_dir, precision=precision)
+    rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
+    torch.manual_seed(0)
+    model = FP8Net()
+    train, val = tiny_loaders(batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer, autocast = precision_seam.wrap(model, optimizer, cfg.precision)
+    result = fit(model, ClassificationTask(), optimizer, train, val, cfg, env=env, autocast=autocast)
+    return model, result
+
+
+def engine_run(output_dir: str, precision: str) -> dict:
+    """FP8Net under torchrun with per-rank batch 4 (the test compares it with one process at batch 8)."""
+    from swinlab.engine.distributed import init_distributed
+
+    env = init_distributed("cpu")  # joins the group main() opened
+    model, result = train_fp8_net(output_dir, precision, batch_size=4, env=env)
+    spread = {}  # how far the ranks' weights drifted apart (0 when every gradient was reduced)
+    for name, value in model.state_dict().items():
+        if "_meta." in name:  # FP8 scaling histories follow each rank's own activations
+            continue
+        gathered = [torch.empty_like(value) for _ in range(env.world_size)]
+        dist.all_gather(gathered, value.contiguous())
+        spread[name] = max(float((g.float() - value.float()).abs().max()) for g in gathered)
+    return {"result": result, "state_dict": model.state_dict(), "model": repr(model), "rank_spread": spread}
+
+
+def main(mode: str, out_path: str, *args: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        result = {"comm": comm_checks}[mode]()
+        result = {"comm": comm_checks, "engine": engine_run}[mode](*args)
         if dist.get_rank() == 0:
             torch.save(result, out_path)
     finally:
@@ -103,4 +149,4 @@ def main(mode: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

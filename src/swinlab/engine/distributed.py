@@ -72,11 +72,23 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
-    """DistributedDataParallel for world size > 1, the model itself otherwise."""
+def wrap_model(model: nn.Module, env: DistEnv, precision: str = "fp32") -> nn.Module:
+    """DistributedDataParallel for world size > 1, the model itself otherwise.
+
+    ``fp8-o1``/``fp8-o2``: FP8-LM's data parallelism (:func:`swinlab.fp8.comm.data_parallel`: FP8 weight gradients
+    all-reduced in FP8 with shared per-tensor scales). ``fp8-o3``: the model is already sharded by
+    ``swinlab.fp8.initialize`` and communicates by itself, so it is returned as it is.
+    """
     if not env.distributed:
         return model
     device_ids = [env.device.index] if env.device.type == "cuda" else None
+    key = precision.lower()
+    if key == "fp8-o3":
+        return model
+    if key in ("fp8-o1", "fp8-o2"):
+        from swinlab.fp8.comm import data_parallel
+
+        return data_parallel(model, device_ids=device_ids)
     return DistributedDataParallel(model, device_ids=device_ids)
 
 

@@ -112,7 +112,7 @@ class _Fit:
         self.cfg, self.env, self.task, self.optimizer, self.autocast = cfg, env, task, optimizer, autocast
         self.train_loader, self.val_loader = train_loader, val_loader
         ddp = isinstance(model, DistributedDataParallel)
-        self.model = wrap_model(model, env) if env.distributed and not ddp else model
+        self.model = wrap_model(model, env, cfg.precision) if env.distributed and not ddp else model
         # Evaluation bypasses DDP: ranks may hold different numbers of validation batches, and DDP's forward
         # may run collectives (buffer broadcast). Checkpoints store the module under every wrapper.
         self.eval_model = model.module if ddp else model
