@@ -111,10 +111,10 @@ def test_precision_fp32_and_bf16():
         precision.wrap(model, opt, "fp16")
 
 
-def test_precision_unknown_and_not_yet_built_fp8_levels_are_clear_errors():
-    model = nn.Linear(4, 4)
-    with pytest.raises(NotImplementedError, match="O2"):
-        precision.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp8-o2")
+def test_precision_fp8_levels_convert_and_unknown_levels_are_clear_errors():
+    model = nn.Sequential(nn.Linear(64, 64))
+    _, opt, _ = precision.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), "fp8-o2")
+    assert type(opt).__name__ == "FP8SGD" and model[0].weight.dtype == torch.float16
     with pytest.raises(ValueError, match="fp8-o9"):
         precision.wrap(model, None, "fp8-o9")
 

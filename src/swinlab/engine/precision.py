@@ -1,14 +1,13 @@
 """The precision seam: one place that turns ``cfg.precision`` into a prepared model/optimizer and an autocast.
 
 ``fp32`` and ``bf16`` (autocast on the model's device type) need nothing else. The FP8 levels (FP8-LM's
-O1/O2/O3) hand model and optimizer to ``swinlab.fp8.initialize``, which swaps layers/optimizer state; until
-that package exists (issue 3) they fail loudly instead of silently training in another precision.
+O1/O2/O3) hand model and optimizer to ``swinlab.fp8.initialize``, which swaps the linears for FP8 ones and the
+optimizer for its FP8 twin (FP8 weight gradients; at O2 FP8/FP16 moments and FP16 master weights).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -23,19 +22,6 @@ PRECISIONS = ("fp32", "bf16", "fp8-o1", "fp8-o2", "fp8-o3")
 def _device_type(model: nn.Module) -> str:
     param = next(model.parameters(), None)
     return param.device.type if param is not None else "cpu"
-
-
-def _fp8_initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None, level: str):
-    try:
-        fp8 = importlib.import_module("swinlab.fp8")
-    except ImportError as e:
-        if e.name not in ("swinlab.fp8", "swinlab"):
-            raise
-        raise NotImplementedError(
-            f"precision 'fp8-{level.lower()}' needs swinlab.fp8 (FP8-LM O1/O2/O3), which is planned "
-            "(issue 3) but not implemented yet; use precision 'bf16' or 'fp32'"
-        ) from None
-    return fp8.initialize(model, optimizer, opt_level=level)
 
 
 def wrap(
@@ -54,6 +40,8 @@ def wrap(
         device_type = _device_type(model)
         return model, optimizer, lambda: torch.autocast(device_type, dtype=torch.bfloat16)
     if key in ("fp8-o1", "fp8-o2", "fp8-o3"):
-        model, optimizer = _fp8_initialize(model, optimizer, key[-2:].upper())
+        from swinlab import fp8  # imported on use: fp32/bf16 runs do not load the FP8 package
+
+        model, optimizer = fp8.initialize(model, optimizer, opt_level=key[-2:].upper())
         return model, optimizer, contextlib.nullcontext
     raise ValueError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISIONS)})")
