@@ -146,6 +146,13 @@ def test_bad_roles_and_options_are_refused():
                    grad_mode="dequantized")
 
 
+def test_a_weight_tied_to_a_non_fp8_module_is_refused():
+    model = nn.ModuleDict({"embed": nn.Embedding(64, 64), "out": nn.Linear(64, 64, bias=False)})
+    model["out"].weight = model["embed"].weight
+    with pytest.raises(ValueError, match=r"embed\.weight is tied.*'out'"):
+        initialize(model, torch.optim.AdamW(model.parameters()), "O2")
+
+
 def test_conversion_keeps_groups_hyperparameters_and_extra_keys():
     model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 10))
     groups = [

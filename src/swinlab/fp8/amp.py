@@ -83,6 +83,21 @@ def found_nonfinite(model: nn.Module) -> torch.Tensor:
     return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)
 
 
+def check_untied(model: nn.Module) -> None:
+    """Refuse an FP8 weight that another kind of module also uses (e.g. a tied embedding): the FP8 optimizer
+    stores it as a scaled FP16 payload, which only FP8Linear knows how to read."""
+    owners = {id(layer.weight): name for name, layer in model.named_modules() if isinstance(layer, FP8Linear)}
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in owners:
+                raise ValueError(
+                    f"{name}.{param_name} is tied to the weight of FP8 layer {owners[id(param)]!r}, which FP8 "
+                    "O1/O2 store as a scaled FP16 master; keep that layer out of FP8 with module_filter"
+                )
+
+
 def clear_flags(model: nn.Module) -> None:
     for layer in fp8_layers(model):
         layer.clear_flags()
@@ -130,5 +145,6 @@ def initialize(
         model, module_filter or default_filter, grad_mode=grad_mode, history_len=history_len, margin=margin
     )
     if optimizer is not None:
+        check_untied(model)
         optimizer = convert_optimizer(optimizer, **dtypes)
     return model, optimizer
