@@ -37,7 +37,8 @@ class DataConfig:
     name: str = "fashion_mnist_embedded"
     """``fashion_mnist_embedded`` (ships with swinlab), ``fashion_mnist`` (IDX files in ``root``),
     ``imagefolder`` (``root/train/<class>/*``, ``root/val/<class>/*``), ``cifar10`` / ``cifar100``
-    (the python pickle batches in ``root``)."""
+    (the python pickle batches in ``root``); text (byte-level language modelling): ``stdlib_docs`` (the Python
+    standard library's docstrings, in every install), ``text`` (a ``.txt`` file or a folder of them in ``root``)."""
     root: str | None = None
     img_size: int = 32
     in_chans: int | None = None
@@ -54,6 +55,9 @@ class DataConfig:
     train_limit: int | None = None
     """Use only the first N training samples (quick experiments)."""
     val_limit: int | None = None
+    # -- text datasets (``stdlib_docs``, ``text``); val_limit caps the validation windows --
+    seq_len: int = 256
+    """Bytes per window; the model is built with ``block_size = seq_len``."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swinlab.config import DataConfig
+from swinlab.data import text
 from swinlab.data.cifar import CIFAR
 from swinlab.data.idx import FashionMNIST
 from swinlab.data.imagefolder import ImageFolder
@@ -19,7 +20,7 @@ from swinlab.data.loading import TransformedDataset, collate_skip_none
 from swinlab.data.samplers import SeededDistributedSampler, ShardSampler
 from swinlab.data.transforms import ImageTransform
 
-DATASETS = ("fashion_mnist_embedded", "fashion_mnist", "imagefolder", "cifar10", "cifar100")
+DATASETS = ("fashion_mnist_embedded", "fashion_mnist", "imagefolder", "cifar10", "cifar100", *text.TEXT_DATASETS)
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` puts the full set: the default root of ``fashion_mnist``."""
@@ -29,7 +30,8 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 class DataBundle:
     """What the engine needs from the data side; ``train_size`` / ``val_size`` count all ranks together.
 
-    ``kind`` names what a batch is (``"image"``: ``(NCHW, labels)``); the trainer picks the task from it.
+    ``kind`` names what a batch is (``"image"``: ``(NCHW, labels)``; ``"text"``: ``(inputs, next-token targets)``,
+    both ``(N, seq_len)`` int64, with ``num_classes`` the vocabulary size); the trainer picks the task from it.
     ``model_kwargs`` are the constructor arguments the data fixes (class count, channels, input size), so the
     trainer builds any family's model without knowing what kind of data it gets.
     """
@@ -78,6 +80,51 @@ def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     raise ValueError(f"unknown dataset data.name={name!r}{hint} (choose from {', '.join(DATASETS)})")
 
 
+def _text_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
+    """Byte windows (see :mod:`swinlab.data.text`): random ones for training, a fixed tiling for validation.
+
+    An epoch draws ``len(train bytes) // seq_len`` windows (as many bytes as the training text holds), capped
+    by ``train_limit``; ``val_limit`` caps the validation windows.
+    """
+    if cfg.name == "stdlib_docs":
+        docs = text.stdlib_docs()
+    else:
+        docs = text.text_files(_root(cfg, "a .txt file or a folder of .txt files"))
+    train_bytes, val_bytes = text.split_documents(docs)
+    train_set = text.ByteWindows(train_bytes, cfg.seq_len, what="the training text")
+    val_set = text.ByteWindows(val_bytes, cfg.seq_len, stride=cfg.seq_len, what="the validation text")
+    windows = max(1, train_bytes.numel() // cfg.seq_len)
+    windows = min(windows, cfg.train_limit) if cfg.train_limit else windows
+    per_rank = -(-windows // world_size)
+    val_size = min(len(val_set), cfg.val_limit) if cfg.val_limit else len(val_set)
+
+    def loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    train_sampler = text.RandomWindowSampler(len(train_set), per_rank, seed, rank, world_size)
+    val_sampler = ShardSampler(val_size, rank, world_size)
+    return DataBundle(
+        train_loader=loader(train_set, cfg.batch_size, train_sampler, per_rank > cfg.batch_size),
+        val_loader=loader(val_set, cfg.eval_batch_size or cfg.batch_size, val_sampler, False),
+        num_classes=text.VOCAB_SIZE,
+        in_chans=0,
+        class_names=[],
+        train_size=per_rank * world_size,
+        val_size=val_size,
+        kind="text",
+        model_kwargs={"vocab_size": text.VOCAB_SIZE, "block_size": cfg.seq_len},
+    )
+
+
 def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Train loader: ``DistributedSampler`` semantics (call ``sampler.set_epoch``), random augmentation.
     Val loader: ``rank::world_size`` shard without padding, deterministic transform. Batches are
@@ -89,6 +136,8 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
         )
     if cfg.num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.name in text.TEXT_DATASETS:
+        return _text_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
     train_src, val_src = _sources(cfg)
     in_chans = train_src.channels
     out_chans = cfg.in_chans or in_chans

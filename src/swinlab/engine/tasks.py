@@ -7,6 +7,7 @@ an object with this small protocol instead of carrying its own copy of the loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -126,3 +127,40 @@ class ClassificationTask:
         if sums["count5"] > 0:  # top-5 means nothing with fewer than 5 classes
             metrics["val_top5"] = 100.0 * sums["correct5"] / sums["count5"]
         return metrics
+
+
+class LanguageModelingTask:
+    """Next-token prediction: batches are ``(inputs, targets)`` token ids ``(B, T)`` with targets shifted by one;
+    the loss is the cross entropy averaged over every position of the batch.
+
+    Evaluation reports ``val_loss`` (nats per token), ``val_ppl`` (perplexity, ``exp(val_loss)``) and ``val_bpb``
+    (bits per byte, ``val_loss / ln 2``: swinlab's text tokens are bytes, so bits per token are bits per byte,
+    the unit that compares models across tokenizers).
+    """
+
+    metric_names = ("val_loss", "val_ppl", "val_bpb")
+    best_metric = ("val_loss", "min")
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs, targets = move_to(batch, model_device(model))
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        device = model_device(model)
+        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "tokens")}
+        for batch in loader:
+            inputs, targets = move_to(batch, device)
+            logits = model(inputs).float()
+            sums["loss"] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
+            sums["tokens"] += targets.numel()
+        return sums
+
+    def finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        if sums["tokens"] == 0:
+            return {}
+        loss = sums["loss"] / sums["tokens"]
+        ppl = math.exp(loss) if loss < 700 else math.inf  # a diverged run must still log, not overflow
+        return {"val_loss": loss, "val_ppl": ppl, "val_bpb": loss / math.log(2)}

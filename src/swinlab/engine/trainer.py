@@ -19,7 +19,7 @@ from swinlab.engine.checkpoint import load_checkpoint
 from swinlab.engine.distributed import DistEnv, init_distributed, shutdown
 from swinlab.engine.loop import fit, run_evaluation
 from swinlab.engine.optim import build_optimizer
-from swinlab.engine.tasks import ClassificationTask
+from swinlab.engine.tasks import ClassificationTask, LanguageModelingTask, Task
 
 
 def configure_runtime(cfg: TrainConfig) -> None:
@@ -45,7 +45,9 @@ def _num_classes(cfg: TrainConfig, data) -> int:
 def _build_model(cfg: TrainConfig, data, device: torch.device, *, pretrained: str | None) -> nn.Module:
     import swinlab
 
-    data_kwargs = {**data.model_kwargs, "num_classes": _num_classes(cfg, data)}
+    data_kwargs = dict(data.model_kwargs)
+    if "num_classes" in data_kwargs:  # a classifier's head follows the data unless the recipe sets its size
+        data_kwargs["num_classes"] = _num_classes(cfg, data)
     model = swinlab.create_model(cfg.model.name, pretrained=pretrained, **{**data_kwargs, **cfg.model.kwargs})
     if cfg.model.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
@@ -54,7 +56,9 @@ def _build_model(cfg: TrainConfig, data, device: torch.device, *, pretrained: st
     return model.to(device)
 
 
-def _build_task(cfg: TrainConfig, num_classes: int) -> ClassificationTask:
+def _build_task(cfg: TrainConfig, num_classes: int, kind: str) -> Task:
+    if kind == "text":
+        return LanguageModelingTask()
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return ClassificationTask(label_smoothing=cfg.label_smoothing)
     from swinlab.data.mixup import Mixup
@@ -70,12 +74,18 @@ def _build_task(cfg: TrainConfig, num_classes: int) -> ClassificationTask:
     return ClassificationTask(mixup=mixup, label_smoothing=cfg.label_smoothing)
 
 
+def _data_unit(cfg: TrainConfig, data) -> str:
+    if data.kind == "text":
+        return f" windows of {cfg.data.seq_len} tokens, vocabulary {data.num_classes}"
+    return f", {data.num_classes} classes"
+
+
 def _describe(cfg: TrainConfig, model: nn.Module, data, env: DistEnv) -> str:
     params = sum(p.numel() for p in model.parameters())
     global_batch = cfg.data.batch_size * env.world_size * cfg.accum_steps
     return (
         f"model {cfg.model.name} ({params / 1e6:.2f} M params) | data {cfg.data.name}: "
-        f"{data.train_size} train / {data.val_size} val, {data.num_classes} classes | "
+        f"{data.train_size} train / {data.val_size} val{_data_unit(cfg, data)} | "
         f"device {env.device} x{env.world_size}, global batch {global_batch}, precision {cfg.precision}"
     )
 
@@ -98,7 +108,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             print(_describe(cfg, model, data, env), flush=True)
         if cfg.compile:
             model = torch.compile(model)
-        task = _build_task(cfg, _num_classes(cfg, data))
+        task = _build_task(cfg, _num_classes(cfg, data), data.kind)
         loaders = data.train_loader, data.val_loader
         return fit(model, task, optimizer, *loaders, cfg, env=env, autocast=autocast)
     finally:
@@ -128,7 +138,8 @@ def evaluate(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> di
         # Wrap first: a precision (e.g. FP8) may add state of its own that the checkpoint holds.
         model, _, autocast = precision.wrap(model, None, cfg.precision)
         model.load_state_dict(ckpt["model"])
-        metrics = run_evaluation(model, ClassificationTask(), data.val_loader, env, autocast)
+        task = _build_task(cfg, _num_classes(cfg, data), data.kind)
+        metrics = run_evaluation(model, task, data.val_loader, env, autocast)
     finally:
         shutdown(env)
     if env.is_main:
