@@ -13,6 +13,7 @@ from _ddp_worker import tiny_config, tiny_loaders
 from swinlab.engine import ClassificationTask, build_optimizer, fit, load_checkpoint, precision
 from swinlab.engine import loop as loop_module
 from swinlab.fp8 import E4M3, FP8SGD, FP8AdamW, FP8Linear, initialize, quantize
+from swinlab.fp8.formats import amax
 from swinlab.fp8.optim import convert_optimizer
 
 FP32_ROLES = {"master_dtype": torch.float32, "m1_dtype": torch.float32, "m2_dtype": torch.float32}
@@ -126,6 +127,18 @@ def test_e4m3_master_loses_small_updates_fp16_master_keeps_them():
     assert error[torch.float16] < 0.05 * moved
     assert error[torch.float8_e4m3fn] > 0.5 * moved  # the update is mostly lost
     assert float((update(torch.float16, torch.float8_e4m3fn) - ref).abs().mean()) < 0.5 * moved  # the m2 control
+
+
+def test_e4m3_master_runs_through_fp8_linears_and_its_state_dict_round_trips():
+    model, opt = o2_net(master_dtype=torch.float8_e4m3fn)
+    weight = model.body[0].weight
+    assert weight.dtype == torch.float8_e4m3fn
+    losses = train_steps(model, opt, 3, seed=1)
+    assert all(math.isfinite(v) for v in losses)
+    assert float(amax(weight)) == float(weight.detach().float().abs().max())  # FP8 amax via the byte order
+    copy, _ = o2_net(seed=3, master_dtype=torch.float8_e4m3fn)
+    copy.load_state_dict(model.state_dict())
+    assert torch.equal(copy.body[0].weight.view(torch.uint8), weight.view(torch.uint8))
 
 
 def test_bad_roles_and_options_are_refused():

@@ -72,6 +72,11 @@ def amax(x: torch.Tensor) -> torch.Tensor:
     """Largest magnitude as an fp32 scalar tensor (NaN if ``x`` holds a NaN, 0 for an empty tensor)."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
+    if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        # torch has no FP8 max kernel. FP8 bytes are sign-magnitude: with the sign bit cleared their integer order
+        # is the order of the magnitudes (Inf and NaN patterns sort last), so the max byte is the amax, exactly.
+        top = (x.detach().reshape(-1).view(torch.uint8) & 0x7F).amax()
+        return top.view(x.dtype).float()
     return x.detach().abs().amax().float()
 
 
