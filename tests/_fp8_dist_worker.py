@@ -137,11 +137,50 @@ def engine_run(output_dir: str, precision: str) -> dict:
     return {"result": result, "state_dict": model.state_dict(), "model": repr(model), "rank_spread": spread}
 
 
+def o3_problem(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A stack of FP8-able linears (and an FP32 head), a torch AdamW, and 6 global batches of 16 samples."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 96),
+                          nn.GELU(), nn.Linear(96, 10))  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randn(16, 64, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(6)]
+    return model, optimizer, batches
+
+
+def o3_train(opt_level: str, rank: int = 0, world: int = 1) -> dict:
+    """Train :func:`o3_problem` at ``opt_level``; rank ``r`` of ``world`` takes its slice of each global batch."""
+    from swinlab.fp8 import initialize, memory_report
+
+    model, optimizer, batches = o3_problem()
+    model, optimizer = initialize(model, optimizer, opt_level)
+    losses = []
+    for x, y in batches:
+        per_rank = x.shape[0] // world
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        loss = nn.functional.cross_entropy(model(x[part]), y[part])
+        loss.backward()
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step()
+        report = memory_report(model, optimizer)  # after the step, gradients still alive
+        optimizer.zero_grad()
+        losses.append(float(fp32_mean(loss) if world > 1 else loss.detach()))
+    return {"losses": losses, "state_dict": model.state_dict(), "memory": report, "model": repr(model)}
+
+
+def o3_run() -> dict:
+    """O3 on every rank; rank 0 also collects each rank's FP8-linear bytes/param."""
+    result = o3_train("O3", dist.get_rank(), dist.get_world_size())
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, result["memory"]["fp8_linears"].per_param())
+    return {**result, "per_rank_bytes": per_rank}
+
+
 def main(mode: str, out_path: str, *args: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        result = {"comm": comm_checks, "engine": engine_run}[mode](*args)
+        result = {"comm": comm_checks, "engine": engine_run, "o3": o3_run}[mode](*args)
         if dist.get_rank() == 0:
             torch.save(result, out_path)
     finally:

@@ -8,9 +8,11 @@ level  FP8 weight    weight grad   1st moment    2nd moment    bytes/param (FP8 
 =====  ============  ============  ============  ============  ========================
 O1     FP16 + scale  E4M3 + scale  FP32          FP32          2 + 1 + 4 + 4 = 11
 O2     FP16 + scale  E4M3 + scale  E4M3 + scale  FP16 + scale  2 + 1 + 1 + 2 = 6
+O3     as O2, each of the four sharded over N ranks            6 / N per rank
 =====  ============  ============  ============  ============  ========================
 
-The FP16 weight is the master (as in MS-AMP): no FP32 copy persists beside it.
+The FP16 weight is the master (as in MS-AMP): no FP32 copy persists beside it. O3 (:mod:`swinlab.fp8.shard`)
+needs an initialised process group (torchrun) and replaces each FP8Linear by a ShardedFP8Linear.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from swinlab.fp8.linear import ALIGN, FP8Linear
 from swinlab.fp8.optim import check_convertible, convert_optimizer
+from swinlab.fp8.shard import require_process_group, shard_fp8_linears
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
@@ -30,6 +33,7 @@ LEVEL_DTYPES: dict[str, dict[str, torch.dtype]] = {
     "O1": {"master_dtype": torch.float16, "m1_dtype": torch.float32, "m2_dtype": torch.float32},
     "O2": {"master_dtype": torch.float16, "m1_dtype": torch.float8_e4m3fn, "m2_dtype": torch.float16},
 }
+LEVEL_DTYPES["O3"] = LEVEL_DTYPES["O2"]  # O3 = O2's storage, sharded across ranks (swinlab.fp8.shard)
 """Storage of FP8 weights (``master_dtype``) and of their optimizer moments per level (see the table above)."""
 HEAD_NAMES = frozenset({"head", "fc", "classifier", "lm_head"})
 MIN_NUMEL = 64 * 64
@@ -130,8 +134,11 @@ def initialize(
     level = str(opt_level).upper()
     if level not in OPT_LEVELS:
         raise ValueError(f"unknown opt_level {opt_level!r} (choose one of {', '.join(OPT_LEVELS)})")
-    if level == "O3":
-        raise NotImplementedError("FP8 opt_level O3 (sharded FP8 states) is not implemented yet (issue 3); use O2")
+    sharded = level == "O3" and optimizer is not None  # evaluation (no optimizer) needs no sharding
+    if sharded:
+        require_process_group()
+        if grad_mode != "fp8":
+            raise ValueError("FP8 O3 keeps weight gradients as E4M3 shards: use grad_mode='fp8'")
     overrides = {"master_dtype": master_dtype, "m1_dtype": m1_dtype, "m2_dtype": m2_dtype}
     dtypes = {**LEVEL_DTYPES[level], **{k: v for k, v in overrides.items() if v is not None}}
     if grad_mode == "dequantized" and optimizer is not None and dtypes["master_dtype"] != torch.float32:
@@ -146,5 +153,7 @@ def initialize(
     )
     if optimizer is not None:
         check_untied(model)
+        if sharded:
+            optimizer = shard_fp8_linears(model, optimizer)
         optimizer = convert_optimizer(optimizer, **dtypes)
     return model, optimizer

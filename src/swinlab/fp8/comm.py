@@ -157,6 +157,39 @@ def _write_flat(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
         offset += t.numel()
 
 
+def _global_amax(tensors: Sequence[torch.Tensor], state: FP8CommState) -> torch.Tensor:
+    global_amax = shared_amax(tensors, state.process_group, state.stats)
+    if state.scaling == "bucket":
+        global_amax = global_amax.max().expand_as(global_amax)
+    return global_amax
+
+
+def _reduce_scatter(tensors: Sequence[torch.Tensor], global_amax: torch.Tensor, state: FP8CommState) -> torch.Tensor:
+    group, fmt = state.process_group, state.fmt
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    lengths = [t.numel() for t in tensors]
+    chunk = -(-sum(lengths) // world)
+    scale, scale_inv = shared_scales(global_amax, fmt)
+    payload = _quantize_flat(tensors, scale, fmt, world * chunk)
+    received = torch.empty_like(payload)
+    dist.all_to_all_single(received, payload, group=group)
+    state.stats.add("reduce_scatter", payload.nbytes * (world - 1) / world)
+    inv = segment_values(scale_inv, lengths, rank * chunk, (rank + 1) * chunk)
+    return (received.view(fmt.dtype).float().view(world, chunk) * inv).sum(0) / world
+
+
+def fp8_reduce_scatter(tensors: Sequence[torch.Tensor], state: FP8CommState) -> torch.Tensor:
+    """This rank's chunk of the rank-average of ``tensors`` (flattened one after another), exchanged as FP8 bytes.
+
+    The flat buffer is zero-padded to ``N * ceil(total / N)`` elements and rank ``r`` gets elements
+    ``[r * chunk, (r + 1) * chunk)`` as FP32 (NaN where a tensor was non-finite on any rank). Scales are shared per
+    tensor as in :func:`fp8_all_reduce_`; each rank sends ``(N-1)/N`` bytes per element.
+    """
+    tensors = list(tensors)
+    state.stats.elements += sum(t.numel() for t in tensors)
+    return _reduce_scatter(tensors, _global_amax(tensors, state), state)
+
+
 def fp8_all_reduce_(tensors: Sequence[torch.Tensor], state: FP8CommState) -> None:
     """Average ``tensors`` over the ranks in place, moving them as FP8 bytes (see the module docstring).
 
@@ -168,13 +201,11 @@ def fp8_all_reduce_(tensors: Sequence[torch.Tensor], state: FP8CommState) -> Non
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     lengths = [t.numel() for t in tensors]
     total = sum(lengths)
-    global_amax = shared_amax(tensors, group, stats)
-    if state.scaling == "bucket":
-        global_amax = global_amax.max().expand_as(global_amax)
-    scale, scale_inv = shared_scales(global_amax, fmt)
+    global_amax = _global_amax(tensors, state)
     stats.elements += total
 
     if state.exchange_for(world) == "all_gather":
+        scale, scale_inv = shared_scales(global_amax, fmt)
         payload = _quantize_flat(tensors, scale, fmt, total)
         gathered = torch.empty(world * total, dtype=torch.uint8, device=payload.device)
         dist.all_gather_single(gathered, payload, group=group)  # gloo takes the concatenated form only
@@ -184,24 +215,19 @@ def fp8_all_reduce_(tensors: Sequence[torch.Tensor], state: FP8CommState) -> Non
         _write_flat(tensors, mean)
         return
 
-    chunk = -(-total // world)
-    payload = _quantize_flat(tensors, scale, fmt, world * chunk)
-    received = torch.empty_like(payload)
-    dist.all_to_all_single(received, payload, group=group)
-    stats.add("reduce_scatter", payload.nbytes * (world - 1) / world)
+    shard_mean = _reduce_scatter(tensors, global_amax, state)
+    chunk = shard_mean.numel()
     lo, hi = rank * chunk, (rank + 1) * chunk
-    shard = (received.view(fmt.dtype).float().view(world, chunk) * segment_values(scale_inv, lengths, lo, hi))
-    shard_mean = shard.sum(0) / world
     # |mean| <= global amax, so a scale from the same amax re-quantises it without saturating.
     out_scale, out_inv = shared_scales(global_amax, E4M3)
     shard_bytes = saturating_cast(shard_mean * segment_values(out_scale, lengths, lo, hi), E4M3).view(torch.uint8)
-    gathered = torch.empty_like(payload)
+    gathered = torch.empty(world * chunk, dtype=torch.uint8, device=shard_bytes.device)
     dist.all_gather_single(gathered, shard_bytes, group=group)
     stats.add("all_gather", shard_bytes.nbytes * (world - 1))
     _write_flat(tensors, gathered.view(E4M3.dtype).float() * segment_values(out_inv, lengths, 0, world * chunk))
 
 
-def _all_reduce_mean_(tensors: Sequence[torch.Tensor], state: FP8CommState) -> None:
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], state: FP8CommState) -> None:
     """Plain average in the tensors' own dtype (for gradients kept out of FP8), one flat collective."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=state.process_group)
@@ -252,7 +278,7 @@ def fp8_allreduce_hook(state: FP8CommState, bucket: dist.GradBucket) -> torch.fu
     if fp8:
         fp8_all_reduce_(fp8, state)
     if high:
-        _all_reduce_mean_(high, state)
+        all_reduce_mean_(high, state)
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(bucket.buffer())
     return future

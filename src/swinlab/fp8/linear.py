@@ -83,7 +83,7 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: FP8Linear):
         q_x, x_finite = _cast(layer.input_meta, x, frozen=not layer.training)
-        q_w, w_finite = _cast(layer.weight_meta, weight, frozen=not layer.training, source_scale=layer.master_scale)
+        q_w, w_finite = layer._quantize_weight(weight)
         out = _poison(scaled_mm(q_x, q_w.t()), x_finite, w_finite)
         if bias is not None:
             out = out + bias.float()
@@ -229,6 +229,10 @@ class FP8Linear(nn.Linear):
 
     def zero_fp8_grad(self) -> None:
         self.weight.fp8_grad = None
+
+    def _quantize_weight(self, weight: torch.Tensor) -> tuple[ScaledFP8, torch.Tensor]:
+        """The E4M3 weight this call's GEMMs use and whether its source was finite (FP8 O3 all-gathers it)."""
+        return _cast(self.weight_meta, weight, frozen=not self.training, source_scale=self.master_scale)
 
     def _store_weight_grad(self, grad_w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """Quantise the fp32 weight gradient to E4M3; keep it (``"fp8"``) or return it dequantised."""

@@ -99,8 +99,11 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
 
     for param in model.parameters():
         in_fp8 = id(param) in fp8_weights
-        model_scope.params += param.numel()
-        fp8_scope.params += param.numel() if in_fp8 else 0
+        # One rank's shard of an FP8 O3 weight stands for the whole weight: bytes/param are then per rank.
+        shard = getattr(param, "fp8_shard", None)
+        numel = param.numel() if shard is None else shard.numel
+        model_scope.params += numel
+        fp8_scope.params += numel if in_fp8 else 0
         add("weights", count(param), in_fp8)
         add("gradients", count(param.grad), in_fp8)
         fp8_grad = getattr(param, "fp8_grad", None)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from swinlab.fp8.formats import storage_format
+from swinlab.fp8.formats import amax, storage_format
 from swinlab.fp8.tensor import ScaledFP8, quantize_current
 
 ROLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
@@ -91,6 +91,22 @@ def _new_slot(state: dict[str, Any], key: str, values: torch.Tensor, dtype: torc
         return
     q = quantize_current(values, fmt)
     state[key], state[key + "_scale"] = q.data, q.scale
+
+
+def _total_norm(params: list[torch.Tensor], norms: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients. A parameter that is one rank's shard of a weight (``param.fp8_shard``, set by FP8
+    O3) adds its squared norm summed over the shard's process group, so every rank clips by the same global norm."""
+    sharded = [getattr(p, "fp8_shard", None) for p in params]
+    groups = {id(spec.group): spec.group for spec in sharded if spec is not None}
+    if not groups:
+        return torch.linalg.vector_norm(torch.stack(norms))  # torch.nn.utils.clip_grad_norm_'s formula
+    squares = torch.stack(norms).square()
+    if len(groups) > 1:
+        raise ValueError("clip_grad_norm_: sharded parameters from more than one process group")
+    mask = torch.tensor([spec is not None for spec in sharded], device=squares.device)
+    shard_sum = squares[mask].sum()
+    torch.distributed.all_reduce(shard_sum, group=next(iter(groups.values())))
+    return (shard_sum + squares[~mask].sum()).sqrt()
 
 
 class LowPrecisionOptimizer(torch.optim.Optimizer):
@@ -175,10 +191,11 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         flags = []
         for param in self._params():
             fp8 = _fp8_grad(param)
+            # amax propagates Inf/NaN and, on FP8 payloads, is one pass over the bytes (isnan there is ~5x slower).
             if fp8 is not None:
-                flags.append(torch.isfinite(fp8.scale) & ~torch.isnan(fp8.data).any())
+                flags.append(torch.isfinite(fp8.scale) & torch.isfinite(amax(fp8.data)))
             elif param.grad is not None:
-                flags.append(torch.isfinite(param.grad).all())
+                flags.append(torch.isfinite(amax(param.grad)))
         return bool(torch.stack(flags).all()) if flags else True
 
     @torch.no_grad()
@@ -197,7 +214,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 norms.append(torch.linalg.vector_norm(param.grad, dtype=torch.float32))
         if not norms:
             return torch.zeros(())
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        total = _total_norm(params, norms)
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for param in params:
             fp8 = _fp8_grad(param)
