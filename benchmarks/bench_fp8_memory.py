@@ -2,9 +2,10 @@
 
 For each model and recipe: build it, run ``--warmup`` + ``--steps`` training steps (forward, loss, backward,
 optimizer step), then :func:`swinlab.fp8.memory_report` walks the live tensors (gradients still alive) and the
-table prints bytes/param per role, for the whole model and for the FP8 linears only. The median step time is
-printed too; on CPU ``torch._scaled_mm`` is emulated (dequantise + FP32 GEMM), so FP8 costs time here rather
-than saving it (the GPU path is the same code).
+table prints bytes/param per role, for the whole model and for the FP8 linears only. Step times are medians
+with the steps of all recipes interleaved (so machine load hits them alike), the optimizer step also on its own.
+On CPU ``torch._scaled_mm`` is emulated (dequantise + FP32 GEMM), so FP8 costs time here rather than saving it
+(the GPU path is the same code).
 
 Recipes:
   * ``fp32``    FP32 weights and gradients, ``torch.optim.AdamW`` (FP32 moments): 4 + 4 + 8 = 16.
@@ -60,7 +61,8 @@ def make_batch(model: nn.Module, batch_size: int, dtype: torch.dtype) -> tuple[t
     return images.to(dtype), torch.randint(0, 10, (batch_size,), generator=g)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, bf16: bool) -> float:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, bf16: bool) -> tuple[float, float]:
+    """One step; returns (step seconds, of which optimizer.step)."""
     inputs, targets = batch
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -69,28 +71,39 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, bf16: 
         logits = model(inputs).float()
     loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
+    before_step = time.perf_counter()
     optimizer.step()
-    return time.perf_counter() - start
+    end = time.perf_counter()
+    return end - start, end - before_step
 
 
-def measure(name: str, recipe: str, *, batch_size: int, warmup: int, steps: int) -> list[str]:
-    model, optimizer = build(name, recipe)
-    bf16 = recipe == "bf16-mp"
-    batch = make_batch(model, batch_size, torch.bfloat16 if bf16 else torch.float32)
-    for _ in range(warmup):
-        train_step(model, optimizer, batch, bf16)
-    times = [train_step(model, optimizer, batch, bf16) for _ in range(steps)]
-    report = memory_report(model, optimizer)
-    step_ms = 1e3 * statistics.median(times)
+def measure(name: str, recipes: list[str], *, batch_size: int, warmup: int, steps: int) -> list[str]:
+    """All recipes of one model side by side, their timed steps interleaved (so machine load hits all alike)."""
+    runs = {}
+    for recipe in recipes:
+        model, optimizer = build(name, recipe)
+        bf16 = recipe == "bf16-mp"
+        batch = make_batch(model, batch_size, torch.bfloat16 if bf16 else torch.float32)
+        runs[recipe] = (model, optimizer, batch, bf16)
+        for _ in range(warmup):
+            train_step(*runs[recipe])
+    times: dict[str, list[tuple[float, float]]] = {recipe: [] for recipe in recipes}
+    for _ in range(steps):
+        for recipe, run in runs.items():
+            times[recipe].append(train_step(*run))
     rows = []
-    for scope_name, scope in report.scopes.items():
-        if not scope.params:
-            continue
-        cells = " | ".join(f"{scope.per_param(role):.3f}" for role in ROLES)
-        rows.append(
-            f"| {name} | {recipe} | {scope_name} | {scope.params / 1e6:.3f} | {cells} | "
-            f"**{scope.per_param():.3f}** | {scope.total / 2**20:.1f} | {step_ms:.0f} |"
-        )
+    for recipe, (model, optimizer, _, _) in runs.items():
+        report = memory_report(model, optimizer)  # the last step's gradients are still alive
+        step_ms = 1e3 * statistics.median(t for t, _ in times[recipe])
+        opt_ms = 1e3 * statistics.median(t for _, t in times[recipe])
+        for scope_name, scope in report.scopes.items():
+            if not scope.params:
+                continue
+            cells = " | ".join(f"{scope.per_param(role):.3f}" for role in ROLES)
+            rows.append(
+                f"| {name} | {recipe} | {scope_name} | {scope.params / 1e6:.3f} | {cells} | "
+                f"**{scope.per_param():.3f}** | {scope.total / 2**20:.1f} | {step_ms:.0f} | {opt_ms:.0f} |"
+            )
     return rows
 
 
@@ -107,12 +120,11 @@ def main() -> None:
     roles = " | ".join(SHORT[role] for role in ROLES)
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch_size}, "
           f"median of {args.steps} steps after {args.warmup} warm-up; bytes/param by role after a step")
-    print(f"| model | recipe | scope | M params | {roles} | total B/param | MiB | step ms |")
-    print("|" + " --- |" * (7 + len(ROLES)))
+    print(f"| model | recipe | scope | M params | {roles} | total B/param | MiB | step ms | of which opt. step |")
+    print("|" + " --- |" * (8 + len(ROLES)))
     for name in args.models:
-        for recipe in args.recipes:
-            for row in measure(name, recipe, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps):
-                print(row, flush=True)
+        for row in measure(name, args.recipes, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
