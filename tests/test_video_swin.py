@@ -15,7 +15,7 @@ from swinlab.models.video_checkpoints import (
     inflate_patch_kernel,
     load_official_video,
 )
-from swinlab.models.video_swin import SwinTransformer3D, VideoSwinClassifier, v1_stages
+from swinlab.models.video_swin import SwinTransformer3D, VideoSwinClassifier, swin_stages
 
 TINY = dict(patch_size=(2, 4, 4), embed_dim=8, depths=(2, 2), num_heads=(2, 4), window_size=(2, 4, 4), patch_norm=True)
 
@@ -30,7 +30,7 @@ def classifier(**kwargs) -> VideoSwinClassifier:
 
 @pytest.mark.parametrize(
     "clip, grid",
-    [((8, 32, 32), (4, 4, 4)), ((7, 30, 34), (4, 4, 5)), ((2, 16, 16), (1, 2, 2)), ((1, 4, 4), (1, 1, 1))],
+    [((8, 32, 32), (4, 4, 4)), ((7, 30, 34), (4, 4, 5)), ((2, 16, 16), (1, 2, 2)), ((3, 4, 4), (2, 1, 1))],
 )
 def test_output_shape_padding_and_clamping(clip, grid):
     """Clips are end-padded to patch multiples; grids smaller than the window clamp it per axis."""
@@ -104,6 +104,8 @@ def test_classifier_interface_and_layout():
     [
         (torch.randn(1, 3, 32, 32), ValueError, "5D"),
         (torch.randn(1, 4, 4, 32, 32), ValueError, "3 input channels"),
+        (torch.randn(1, 3, 1, 32, 32), ValueError, "at least 2 frames"),
+        (torch.randn(1, 3, 4, 3, 32), ValueError, "smaller than one patch"),
         ([1.0], TypeError, "torch.Tensor"),
     ],
 )
@@ -171,7 +173,7 @@ class SwinV1Image(nn.Module):
     def __init__(self, embed_dim: int = 8, depths=(2, 2), num_heads=(2, 4), window: int = 4) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed((4, 4), 3, embed_dim)
-        self.layers = v1_stages(embed_dim, depths, num_heads, (window, window))
+        self.layers = swin_stages(embed_dim, depths, num_heads, (window, window))
         self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
         self.head = nn.Linear(self.norm.normalized_shape[0], 10)
 
@@ -267,3 +269,68 @@ def test_create_model_pretrained_routes_to_the_video_loader(tmp_path):
     with pytest.warns(UserWarning, match="re-initialised"):
         model = create_model("video_swin_tiny", pretrained=tmp_path / "official.pth", num_classes=3, **kwargs)
     torch.testing.assert_close(model.backbone.patch_embed.proj.weight, source.backbone.patch_embed.proj.weight)
+
+
+def test_inflation_refuses_what_is_not_a_2d_swin(tmp_path):
+    resnet_like = {"conv1.weight": torch.randn(8, 3, 7, 7), "fc.weight": torch.randn(10, 8)}
+    with pytest.raises(ValueError, match="not a 2D Swin checkpoint"):
+        inflate_from_2d(backbone(), resnet_like)
+    with pytest.raises(ValueError, match="already holds 3D"):
+        inflate_from_2d(backbone(), backbone().state_dict())
+    torch.save({"model": resnet_like}, tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match=r"resnet\.pth is not a 2D Swin"):
+        backbone(pretrained=tmp_path / "resnet.pth")
+
+
+# -- beyond the official code: the Swin V2 techniques in 3D --
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def test_v2_option_shapes_parameters_and_grads():
+    model = backbone(swin_version=2)
+    names = dict(model.named_parameters())
+    assert not any("relative_position_bias_table" in n for n in names)
+    attn = model.layers[0].blocks[0].attn
+    assert attn.cpb_mlp[0].in_features == 3 and attn.logit_scale.shape == (2, 1, 1)  # 3D log-spaced CPB
+    block = model.layers[0].blocks[1]
+    assert not block.norm1.weight.any() and not block.norm2.weight.any()  # res-post-norm starts as identity
+    assert model.no_weight_decay_keywords() == {"cpb_mlp", "logit_scale"}
+    _randomised(model).train()
+    x = torch.randn(2, 3, 7, 30, 34)  # padding in all three axes
+    out = model(x)
+    assert out.shape == (2, 16, 4, 4, 5) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert attn.cpb_mlp[0].weight.grad.abs().sum() > 0 and attn.logit_scale.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="qk_scale"):
+        backbone(swin_version=2, qk_scale=0.5)
+    with pytest.raises(ValueError, match="version"):
+        backbone(swin_version=3)
+
+
+def test_v2_window_change_needs_no_table_resampling():
+    """The continuous position bias has no per-window table: weights trained with one window load unchanged
+    into a model with another (longer clip window, larger spatial window) and run; the V1 table cannot."""
+    trained = _randomised(backbone(swin_version=2))
+    state = trained.state_dict()
+    bigger = backbone(swin_version=2, window_size=(4, 8, 8), pretrained_window_size=(2, 4, 4)).eval()
+    bigger.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3, 8, 64, 64)
+    with torch.no_grad():
+        a, b = trained(x), bigger(x)
+    assert a.shape == b.shape and torch.isfinite(b).all()
+    assert not torch.allclose(a, b, atol=1e-3)  # the larger window does change what each token sees
+    with pytest.raises(RuntimeError, match="relative_position_bias_table"):
+        backbone(window_size=(4, 8, 8)).load_state_dict(_randomised(backbone()).state_dict())
+
+
+def test_v2_short_clip_clamps_only_time():
+    """Video Swin's per-axis window rule also holds for V2 blocks: a 2-frame clip (1 token in time) keeps the
+    spatial window 4x4 instead of shrinking the whole window to 1 as the 2D Swin V2 rule would."""
+    block = backbone(swin_version=2).layers[0].blocks[0]
+    assert block.geometry((1, 8, 8)).window == (1, 4, 4)

@@ -83,8 +83,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from swinlab import create_model
     from swinlab.metrics.flops import measure
+    from swinlab.models.registry import model_meta
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
+    if args.img_size and "clip_size" in model_meta(args.model):  # video models take any clip: nothing to size
+        kwargs = {}
     with torch.device("meta"):
         model = create_model(args.model, **kwargs)
     params = sum(p.numel() for p in model.parameters())
@@ -93,6 +96,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         model = create_model(args.model, **kwargs)
     if hasattr(model, "vocab_size") and hasattr(model, "block_size"):  # a language model: one full context
         cost = measure(model, (args.batch, model.block_size), dtype=torch.int64)
+    elif hasattr(model, "clip_size"):  # a video model: clips (B, C, T, H, W), its specified view unless asked
+        frames, height, width = model.clip_size
+        side = args.img_size
+        shape = (args.batch, model.in_chans, args.frames or frames, side or height, side or width)
+        cost = measure(model, shape)
     else:
         size = args.img_size or getattr(model, "img_size", 224)
         size = size[0] if isinstance(size, (tuple, list)) else size
@@ -149,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a YAML recipe")
     p.add_argument("config", help="path to a YAML recipe (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override, e.g. optim.lr=3e-4 or precision=fp8-o2 (fp32|bf16|fp8-o1|fp8-o2|fp8-o3)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run folder or checkpoint on its validation set")
@@ -165,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=None, help="clip length for video models (default: the model's)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(

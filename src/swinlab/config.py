@@ -37,8 +37,10 @@ class DataConfig:
     name: str = "fashion_mnist_embedded"
     """``fashion_mnist_embedded`` (ships with swinlab), ``fashion_mnist`` (IDX files in ``root``),
     ``imagefolder`` (``root/train/<class>/*``, ``root/val/<class>/*``), ``cifar10`` / ``cifar100``
-    (the python pickle batches in ``root``); text (byte-level language modelling): ``stdlib_docs`` (the Python
-    standard library's docstrings, in every install), ``text`` (a ``.txt`` file or a folder of them in ``root``)."""
+    (the python pickle batches in ``root``); videos: ``video`` (Kinetics-style lists ``train_list`` /
+    ``val_list`` under ``root``), ``motion_demo`` (generated, ships with swinlab); text (byte-level language
+    modelling): ``stdlib_docs`` (the Python standard library's docstrings, in every install), ``text`` (a
+    ``.txt`` file or a folder of them in ``root``)."""
     root: str | None = None
     img_size: int = 32
     in_chans: int | None = None
@@ -55,6 +57,20 @@ class DataConfig:
     train_limit: int | None = None
     """Use only the first N training samples (quick experiments)."""
     val_limit: int | None = None
+    # -- video datasets (``video``: annotation lists, ``motion_demo``: generated); img_size is the crop size --
+    train_list: str | None = None
+    """``video``: the training annotation list or CSV (``path label`` lines), relative to ``root``."""
+    val_list: str | None = None
+    clip_len: int = 32
+    """Frames per clip (the Video Swin K400 recipe: 32)."""
+    frame_interval: int = 2
+    """Take every k-th frame (K400: 2, so a clip spans 64 frames)."""
+    test_clips: int = 1
+    """Clips per video at evaluation, spread uniformly (K400: 4); scores are averaged over all views."""
+    test_crops: int = 1
+    """Crops per clip at evaluation: 1 (centre) or 3 (along the longer side; K400: 3)."""
+    scale_size: int | None = None
+    """Short side before the training crop; ``None``: ``img_size / 0.875`` (256 for 224)."""
     # -- text datasets (``stdlib_docs``, ``text``); val_limit caps the validation windows --
     seq_len: int = 256
     """Bytes per window; the model is built with ``block_size = seq_len``."""
@@ -95,7 +111,7 @@ class TrainConfig:
     clip_grad: float | None = 5.0
     accum_steps: int = 1
     precision: str = "fp32"
-    """``fp32``, ``bf16`` (autocast), or ``fp8-o1`` / ``fp8-o2`` / ``fp8-o3`` (planned: FP8-LM)."""
+    """``fp32``, ``bf16`` (autocast), or FP8-LM's ``fp8-o1`` / ``fp8-o2`` / ``fp8-o3`` (``swinlab.fp8.initialize``)."""
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"

@@ -19,8 +19,12 @@ from swinlab.data.imagefolder import ImageFolder
 from swinlab.data.loading import TransformedDataset, collate_skip_none
 from swinlab.data.samplers import SeededDistributedSampler, ShardSampler
 from swinlab.data.transforms import ImageTransform
+from swinlab.data.video import VIDEO_DATASETS, video_sets
 
-DATASETS = ("fashion_mnist_embedded", "fashion_mnist", "imagefolder", "cifar10", "cifar100", *text.TEXT_DATASETS)
+DATASETS = (
+    "fashion_mnist_embedded", "fashion_mnist", "imagefolder", "cifar10", "cifar100",
+    *VIDEO_DATASETS, *text.TEXT_DATASETS,
+)  # fmt: skip
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` puts the full set: the default root of ``fashion_mnist``."""
@@ -30,8 +34,9 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 class DataBundle:
     """What the engine needs from the data side; ``train_size`` / ``val_size`` count all ranks together.
 
-    ``kind`` names what a batch is (``"image"``: ``(NCHW, labels)``; ``"text"``: ``(inputs, next-token targets)``,
-    both ``(N, seq_len)`` int64, with ``num_classes`` the vocabulary size); the trainer picks the task from it.
+    ``kind`` names what a batch is (``"image"``: ``(NCHW, labels)``; ``"video"``: ``(NCTHW, labels)`` for
+    training and ``(N, views, C, T, H, W)`` for evaluation; ``"text"``: ``(inputs, next-token targets)``, both
+    ``(N, seq_len)`` int64, with ``num_classes`` the vocabulary size); the trainer picks the task from it.
     ``model_kwargs`` are the constructor arguments the data fixes (class count, channels, input size), so the
     trainer builds any family's model without knowing what kind of data it gets.
     """
@@ -78,6 +83,62 @@ def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     close = difflib.get_close_matches(name, DATASETS, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown dataset data.name={name!r}{hint} (choose from {', '.join(DATASETS)})")
+
+
+def _loaders(
+    cfg: DataConfig,
+    train_set: Dataset,
+    val_set: Dataset,
+    sample_shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> tuple[DataLoader, DataLoader]:
+    """Train loader (seeded distributed sampler, per-sample augmentation seeds) and val loader (rank shard);
+    ``sample_shapes`` give the shape of an all-unreadable batch's samples for each."""
+    train_sampler = SeededDistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
+
+    # Each loader gets its own generator so it never draws from the global RNG: otherwise persistent workers
+    # (no draw after the first epoch) would shift the sampler's per-epoch seed draw relative to num_workers=0.
+    def loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool, shape) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=functools.partial(collate_skip_none, sample_shape=shape),
+        )
+
+    # drop_last keeps batch statistics steady, but never for a set that is a single batch or less
+    train_loader = loader(
+        train_set, cfg.batch_size, train_sampler, len(train_sampler) > cfg.batch_size, sample_shapes[0]
+    )
+    val_sampler = ShardSampler(len(val_set), rank, world_size)
+    val_loader = loader(val_set, cfg.eval_batch_size or cfg.batch_size, val_sampler, False, sample_shapes[1])
+    return train_loader, val_loader
+
+
+def _video_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
+    """Clips ``(B, 3, T, H, W)`` for training, views ``(B, V, 3, T, H, W)`` for evaluation."""
+    train_set, val_set = video_sets(cfg, seed)
+    shapes = (train_set.sample_shape, val_set.sample_shape)
+    train_loader, val_loader = _loaders(cfg, train_set, val_set, shapes, seed, rank, world_size)
+    classes = train_set.classes
+    return DataBundle(
+        train_loader=train_loader,
+        val_loader=val_loader,
+        num_classes=len(classes),
+        in_chans=3,
+        class_names=list(classes),
+        train_size=len(train_set),
+        val_size=len(val_set),
+        kind="video",
+        model_kwargs={"num_classes": len(classes), "in_chans": 3},
+    )
 
 
 def _text_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
@@ -136,6 +197,8 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
         )
     if cfg.num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    if cfg.name in VIDEO_DATASETS:
+        return _video_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
     if cfg.name in text.TEXT_DATASETS:
         return _text_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
     train_src, val_src = _sources(cfg)
@@ -150,28 +213,8 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
 
     train_set = TransformedDataset(train_src, transform(True), cfg.train_limit)
     val_set = TransformedDataset(val_src, transform(False), cfg.val_limit)
-    train_sampler = SeededDistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
-    collate = functools.partial(collate_skip_none, sample_shape=(out_chans, cfg.img_size, cfg.img_size))
-
-    # Each loader gets its own generator so it never draws from the global RNG: otherwise persistent workers
-    # (no draw after the first epoch) would shift the sampler's per-epoch seed draw relative to num_workers=0.
-    def loader(dataset: TransformedDataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=cfg.num_workers,
-            persistent_workers=cfg.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=collate,
-        )
-
-    # drop_last keeps batch statistics steady, but never for a set that is a single batch or less
-    train_loader = loader(train_set, cfg.batch_size, train_sampler, len(train_sampler) > cfg.batch_size)
-    val_sampler = ShardSampler(len(val_set), rank, world_size)
-    val_loader = loader(val_set, cfg.eval_batch_size or cfg.batch_size, val_sampler, drop_last=False)
+    shape = (out_chans, cfg.img_size, cfg.img_size)
+    train_loader, val_loader = _loaders(cfg, train_set, val_set, (shape, shape), seed, rank, world_size)
     return DataBundle(
         train_loader=train_loader,
         val_loader=val_loader,

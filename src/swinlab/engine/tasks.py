@@ -76,6 +76,9 @@ class ClassificationTask:
         mixup: a callable ``(x, y) -> (x_mixed, soft_targets)`` (``swinlab.data.mixup.Mixup``) or ``None``.
             When given it owns label smoothing, as in the official recipes.
         label_smoothing: smoothing for plain cross entropy when ``mixup`` is ``None``.
+        views: evaluation batches carry a view axis, ``(B, V, ...)`` (multi-view video testing, e.g. 4 clips x
+            3 crops): each sample's score is the mean of its V views' softmax probabilities (the official
+            ``average_clips='prob'``), and its loss the cross entropy of that mean.
     """
 
     metric_names = ("val_loss", "val_top1", "val_top5")
@@ -85,11 +88,13 @@ class ClassificationTask:
         self,
         mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
         label_smoothing: float = 0.0,
+        views: bool = False,
     ) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.mixup = mixup
         self.label_smoothing = label_smoothing
+        self.views = views
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, labels = move_to(batch, model_device(model))
@@ -108,7 +113,7 @@ class ClassificationTask:
         sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in _EVAL_SUMS}
         for batch in loader:
             images, labels = move_to(batch, device)
-            logits = model(images).float()
+            logits = self._eval_scores(model, images)
             ks = (1, 5) if logits.shape[1] >= 5 else (1,)
             correct = topk_correct(logits, labels, ks).double()
             sums["loss"] += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -118,6 +123,17 @@ class ClassificationTask:
                 sums["correct5"] += correct[1]
                 sums["count5"] += labels.shape[0]
         return sums
+
+    def _eval_scores(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits, or with views the log of the view-averaged probabilities (a valid input to cross entropy and
+        top-k, since log-probabilities are logits of themselves)."""
+        if not self.views:
+            return model(inputs).float()
+        if inputs.ndim < 3:
+            raise ValueError(f"multi-view evaluation expects (B, V, ...) batches, got shape {tuple(inputs.shape)}")
+        b, v = inputs.shape[:2]
+        probs = model(inputs.flatten(0, 1)).float().softmax(-1).view(b, v, -1).mean(1)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
     def finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
         count = sums["count"]

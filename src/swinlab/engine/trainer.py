@@ -59,8 +59,9 @@ def _build_model(cfg: TrainConfig, data, device: torch.device, *, pretrained: st
 def _build_task(cfg: TrainConfig, num_classes: int, kind: str) -> Task:
     if kind == "text":
         return LanguageModelingTask()
+    views = kind == "video"  # video evaluation batches are (B, views, C, T, H, W)
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return ClassificationTask(label_smoothing=cfg.label_smoothing)
+        return ClassificationTask(label_smoothing=cfg.label_smoothing, views=views)
     from swinlab.data.mixup import Mixup
 
     mixup = Mixup(
@@ -71,7 +72,7 @@ def _build_task(cfg: TrainConfig, num_classes: int, kind: str) -> Task:
         label_smoothing=cfg.label_smoothing,
         num_classes=num_classes,
     )
-    return ClassificationTask(mixup=mixup, label_smoothing=cfg.label_smoothing)
+    return ClassificationTask(mixup=mixup, label_smoothing=cfg.label_smoothing, views=views)
 
 
 def _data_unit(cfg: TrainConfig, data) -> str:

@@ -143,20 +143,44 @@ def inflate_bias_table(table: torch.Tensor, window: tuple[int, int, int]) -> tor
     return table.repeat(2 * window[0] - 1, 1)
 
 
+def _check_swin_2d(state: Mapping[str, torch.Tensor], source: object) -> None:
+    """Refuse what is not a 2D Swin backbone before anything is loaded (otherwise every key would be skipped and
+    the model silently left at its random init)."""
+    where = source if isinstance(source, (str, Path)) else "the state dict"
+    kernel = state.get("patch_embed.proj.weight")
+    blocks = any(k.startswith("layers.") and ".blocks." in k for k in state)
+    if kernel is None or not blocks:
+        keys = ", ".join(list(state)[:4])
+        raise ValueError(
+            f"{where} is not a 2D Swin checkpoint in the official layout (needs patch_embed.proj.weight and "
+            f"layers.*.blocks.* keys; starts with {keys})"
+        )
+    if kernel.ndim == 5:
+        raise ValueError(
+            f"{where} already holds 3D (Video Swin) weights: load it with load_official_video "
+            f"(pretrained2d=False), not by inflation"
+        )
+    if kernel.ndim != 4:
+        raise ValueError(f"{where}: patch_embed.proj.weight has shape {tuple(kernel.shape)}, not a 2D conv kernel")
+
+
 def inflate_from_2d(model3d: nn.Module, state_dict_2d: str | Path | Mapping[str, Any]) -> InflateReport:
     """Initialise a Video Swin backbone (or the backbone of a classifier) from a 2D Swin V1 checkpoint (file or
     dict; official ones keep the weights under ``model``) as the official ``inflate_weights`` does.
 
     Derived buffers (``relative_position_index``, ``attn_mask``) and keys the 3D backbone lacks (the 2D
     ``head``) are skipped; a bias table with another head count is skipped with a warning; everything else of
-    matching shape is copied. The classifier head is left untouched.
+    matching shape is copied. The classifier head is left untouched. A checkpoint that is not a 2D Swin (no
+    patch embedding or blocks in the official layout, or already 3D) raises ``ValueError``.
     """
     backbone = _backbone(model3d)
     window, frames = tuple(backbone.window_size), backbone.patch_size[0]
     target = backbone.state_dict()
+    state = _state(state_dict_2d)
+    _check_swin_2d(state, state_dict_2d)
     report = InflateReport()
     out: dict[str, torch.Tensor] = {}
-    for name, value in _state(state_dict_2d).items():
+    for name, value in state.items():
         want = target.get(name)
         if name.endswith(DERIVED_SUFFIXES):
             report.skipped[name] = "derived buffer (rebuilt by the 3D model)"

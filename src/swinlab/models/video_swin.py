@@ -28,14 +28,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swinlab.layers import PatchEmbed, PatchMerging
+from swinlab.layers import PatchEmbed, PatchMerging, PatchMergingV2
 from swinlab.models.registry import register_model
-from swinlab.models.swin import SwinBlockV1, SwinStage, init_swin_weights
+from swinlab.models.swin import SwinBlockV1, SwinBlockV2, SwinStage, init_swin_weights
 
 Size = tuple[int, ...]
 
 
-def v1_stages(
+class SwinBlockV2PerAxis(SwinBlockV2):
+    """The Swin V2 block (res-post-norm, scaled cosine attention, log-spaced CPB) with Video Swin's window rule:
+    each axis clamped separately, so a short clip shrinks only the temporal window."""
+
+    per_axis_window = True
+
+
+def swin_stages(
     embed_dim: int,
     depths: Sequence[int],
     num_heads: Sequence[int],
@@ -47,13 +54,30 @@ def v1_stages(
     attn_drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     norm_layer: type[nn.Module] = nn.LayerNorm,
+    *,
+    version: int = 1,
+    pretrained_window_size: Size | None = None,
 ) -> nn.ModuleList:
-    """Swin V1 stages for any rank (the rank is ``len(window_size)``): widths C, 2C, 4C, ..., blocks alternating
-    shift 0 / window // 2, V1 patch merging after every stage but the last, stochastic depth rising linearly
-    from 0 to ``drop_path_rate`` over all blocks (the official schedule)."""
+    """Swin stages for any rank (the rank is ``len(window_size)``): widths C, 2C, 4C, ..., blocks alternating
+    shift 0 / window // 2, patch merging after every stage but the last, stochastic depth rising linearly
+    from 0 to ``drop_path_rate`` over all blocks (the official schedule).
+
+    ``version=1``: Video Swin's V1 blocks (pre-norm, dot-product attention, learned bias table) and pre-norm
+    merging. ``version=2``: Swin V2 blocks (res-post-norm with zero-initialised post-norms, scaled cosine
+    attention, continuous position bias over log-spaced offsets) and post-norm merging; ``qk_scale`` does not
+    apply, and ``pretrained_window_size`` is the window the CPB coordinates are normalised by (default: the
+    effective window).
+    """
     depths, num_heads, window_size = tuple(depths), tuple(num_heads), tuple(window_size)
     if len(depths) != len(num_heads):
         raise ValueError(f"depths {depths} and num_heads {num_heads} must have one entry per stage")
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 (Video Swin) or 2 (Swin V2 techniques), got {version}")
+    if version == 2 and qk_scale is not None:
+        raise ValueError("qk_scale applies to dot-product attention (version 1); version 2 learns its logit scale")
+    pretrained = tuple(pretrained_window_size or (0,) * len(window_size))
+    if len(pretrained) != len(window_size):
+        raise ValueError(f"pretrained_window_size {pretrained} needs one entry per window axis {window_size}")
     shift = tuple(w // 2 for w in window_size)
     total = sum(depths)
     rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -62,23 +86,18 @@ def v1_stages(
         width = embed_dim * 2**i
         if width % heads:
             raise ValueError(f"num_heads[{i}]={heads} does not divide the width {width} of stage {i}")
-        blocks = [
-            SwinBlockV1(
-                width,
-                heads,
-                window_size,
-                (0,) * len(shift) if j % 2 == 0 else shift,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=rates[sum(depths[:i]) + j],
-                norm_layer=norm_layer,
-            )
-            for j in range(depth)
-        ]
-        downsample = PatchMerging(width, norm_layer=norm_layer) if i < len(depths) - 1 else None
+        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate)
+        blocks = []
+        for j in range(depth):
+            block_shift = (0,) * len(shift) if j % 2 == 0 else shift
+            extra = dict(drop_path=rates[sum(depths[:i]) + j], norm_layer=norm_layer, **common)
+            if version == 1:
+                blocks.append(SwinBlockV1(width, heads, window_size, block_shift, qk_scale=qk_scale, **extra))
+            else:
+                extra["pretrained_window_size"] = pretrained
+                blocks.append(SwinBlockV2PerAxis(width, heads, window_size, block_shift, **extra))
+        merging = PatchMerging if version == 1 else PatchMergingV2
+        downsample = merging(width, norm_layer=norm_layer) if i < len(depths) - 1 else None
         stages.append(SwinStage(blocks, downsample))
     return stages
 
@@ -123,6 +142,9 @@ class SwinTransformer3D(nn.Module):
         patch_norm: bool = False,
         frozen_stages: int = -1,
         use_checkpoint: bool = False,
+        *,
+        swin_version: int = 1,
+        pretrained_window_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = _triple(patch_size, "patch_size")
@@ -135,7 +157,8 @@ class SwinTransformer3D(nn.Module):
 
         self.patch_embed = PatchEmbed(self.patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
         self.pos_drop = nn.Dropout(drop_rate)
-        self.layers = v1_stages(
+        self.swin_version = swin_version
+        self.layers = swin_stages(
             embed_dim,
             depths,
             num_heads,
@@ -147,10 +170,16 @@ class SwinTransformer3D(nn.Module):
             attn_drop_rate,
             drop_path_rate,
             norm_layer,
+            version=swin_version,
+            pretrained_window_size=pretrained_window_size,
         )
         self.norm = norm_layer(self.num_features)
 
         self.apply(init_swin_weights)
+        if swin_version == 2:
+            for layer in self.layers:
+                for block in layer.blocks:
+                    block.init_post_norms()
         self.set_grad_checkpointing(use_checkpoint)
         if pretrained is not None:
             from swinlab.models.video_checkpoints import inflate_from_2d, load_official_video
@@ -183,7 +212,8 @@ class SwinTransformer3D(nn.Module):
         return set()
 
     def no_weight_decay_keywords(self) -> set[str]:
-        return {"relative_position_bias_table"}
+        """Position-bias parameters are not decayed (official): the V1 table, or V2's CPB MLP and logit scale."""
+        return {"relative_position_bias_table"} if self.swin_version == 1 else {"cpb_mlp", "logit_scale"}
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -192,6 +222,11 @@ class SwinTransformer3D(nn.Module):
             raise ValueError(f"expected a 5D (N, C, T, H, W) clip batch, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"model expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if any(s < p for s, p in zip(x.shape[2:], self.patch_size, strict=True)):
+            raise ValueError(
+                f"clip (T, H, W) = {tuple(x.shape[2:])} is smaller than one patch {self.patch_size}: a clip needs "
+                f"at least {self.patch_size[0]} frames (or build the model with patch_size=(1, ...))"
+            )
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Clip ``(N, C, T, H, W)`` -> token grid ``(N, T', H', W', embed_dim)`` (end-padded to patch multiples,
@@ -255,13 +290,21 @@ class VideoSwinClassifier(nn.Module):
     ``cls_head.fc_cls.*`` as in the official checkpoints). ``num_classes=0`` gives pooled features as output.
 
     Backbone keywords pass through (``patch_size``, ``window_size``, ``drop_path_rate``, ...); ``dropout_ratio``
-    and ``init_std`` configure the head.
+    and ``init_std`` configure the head. ``clip_size`` is the ``(T, H, W)`` view the model is specified for (the
+    input ``swinlab info`` measures); any clip size runs.
     """
 
     def __init__(
-        self, num_classes: int = 400, *, dropout_ratio: float = 0.5, init_std: float = 0.01, **backbone_kwargs
+        self,
+        num_classes: int = 400,
+        *,
+        dropout_ratio: float = 0.5,
+        init_std: float = 0.01,
+        clip_size: tuple[int, int, int] = (32, 224, 224),
+        **backbone_kwargs,
     ) -> None:
         super().__init__()
+        self.clip_size = _triple(clip_size, "clip_size")
         self.backbone = SwinTransformer3D(**backbone_kwargs)
         self.num_features, self.in_chans = self.backbone.num_features, self.backbone.in_chans
         self.num_classes = num_classes
@@ -318,8 +361,11 @@ def _create(embed_dim: int, depths: Size, num_heads: Size, drop_path_rate: float
     return VideoSwinClassifier(**{**arch, **kwargs})
 
 
-def _meta(params: str, flops: str | None, top1: float | None, source: str = _SOURCE) -> dict:
-    return {"params": params, "flops": flops, "k400_top1": top1, "source": source}
+def _meta(
+    params: str, flops: str | None, top1: float | None, source: str = _SOURCE, clip: Size = (32, 224, 224)
+) -> dict:
+    """Registry metadata; ``clip_size`` is the (T, H, W) view the FLOPs refer to (the model's ``clip_size``)."""
+    return {"params": params, "flops": flops, "k400_top1": top1, "source": source, "clip_size": clip}
 
 
 @register_model(meta=_meta("28M", "87.9G", 78.8, _SOURCE + "; ImageNet-1K init, FLOPs per 32x224x224 view"))
@@ -340,3 +386,16 @@ def video_swin_base(**kwargs) -> VideoSwinClassifier:
 @register_model(meta=_meta("197M", None, 83.1, "Video Swin paper; ImageNet-22K init, drop path 0.2 unverified"))
 def video_swin_large(**kwargs) -> VideoSwinClassifier:
     return _create(192, (2, 2, 18, 2), (6, 12, 24, 48), 0.2, kwargs)
+
+
+@register_model(
+    meta=_meta("0.14M", None, None, "swinlab's own CPU demo size (not in the paper): C=32, two stages", (8, 32, 32))
+)
+def video_swin_nano(**kwargs) -> VideoSwinClassifier:
+    """A two-stage Video Swin for small clips (e.g. 8x32x32, ``configs/video_swin_demo.yaml``): patch 2x4x4,
+    window 4x4x4, no stochastic depth by default."""
+    arch = dict(
+        embed_dim=32, depths=(2, 2), num_heads=(2, 4), patch_size=(2, 4, 4), window_size=(4, 4, 4), patch_norm=True,
+        drop_path_rate=0.0, clip_size=(8, 32, 32),
+    )  # fmt: skip
+    return VideoSwinClassifier(**{**arch, **kwargs})
