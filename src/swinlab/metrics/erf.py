@@ -10,6 +10,7 @@ against its initial value. Plots import matplotlib lazily.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -159,14 +160,19 @@ def save_erf_figure(erfs: Mapping[str, torch.Tensor], path: str | Path, title: s
         raise ValueError("no ERF maps to plot")
     plt = _pyplot()
     n = len(erfs)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.4 * (n + 1) + 0.8, 3.6), squeeze=False, layout="constrained")
-    for ax, (label, erf) in zip(axes[0], erfs.items(), strict=False):
+    rows = 1 if n < 4 else 2  # more than three maps wrap onto a second row
+    cols = math.ceil((n + 1) / rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 0.8, 3.4 * rows), squeeze=False, layout="constrained")
+    axes = axes.flatten()
+    for ax, (label, erf) in zip(axes, erfs.items(), strict=False):
         image = ax.imshow((erf / erf.max()).cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
         ax.set_title(f"{label}\n{erf.shape[0]}x{erf.shape[1]} input, spread {erf_spread(erf):.2f} px", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(image, ax=axes[0][n - 1], shrink=0.8, label="|d centre / d input| / max")
-    profile_ax = axes[0][n]
+    fig.colorbar(image, ax=list(axes[:n]), shrink=0.8 / rows, label="|d centre / d input| / max")
+    for ax in axes[n + 1 :]:
+        ax.set_visible(False)
+    profile_ax = axes[n]
     for label, erf in erfs.items():
         profile_ax.plot(radial_profile(erf.cpu()).numpy(), marker=".", label=label)
     profile_ax.set_xlabel("distance from centre (px)")
