@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from swinlab.config import TrainConfig, to_dict
 from swinlab.engine import checkpoint as ckpt_io
+from swinlab.engine import precision
 from swinlab.engine.distributed import DistEnv, all_ranks_true, all_reduce_sums, unwrap_model, wrap_model
 from swinlab.engine.precision import AutocastFactory
 from swinlab.engine.runlog import RunLog
@@ -304,7 +305,7 @@ class _Fit:
             return
         ckpt = ckpt_io.load_checkpoint(path)
         self.plain.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        precision.load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
         ckpt_io.set_rng_state(ckpt["rng"])
         self.state = RunState(
             epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], history=list(ckpt["history"])
@@ -312,14 +313,17 @@ class _Fit:
         self._say(f"resumed from {path} after epoch {self.state.epoch} (step {self.state.step})")
 
     def _save(self, improved: bool) -> None:
+        # Every rank builds the states: a sharded model and optimizer (FP8 O3) gather their shards collectively.
+        model_state = self.plain.state_dict()
+        optimizer_state = precision.optimizer_state_dict(self.optimizer)
         if not self.env.is_main:
             return
         path = self.run_dir / "checkpoint.pt"
         ckpt_io.save_checkpoint(
             path,
             {
-                "model": self.plain.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "epoch": self.state.epoch,
                 "step": self.state.step,
                 "config": to_dict(self.cfg),

@@ -45,3 +45,17 @@ def wrap(
         model, optimizer = fp8.initialize(model, optimizer, opt_level=key[-2:].upper())
         return model, optimizer, contextlib.nullcontext
     raise ValueError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISIONS)})")
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """What a checkpoint stores for ``optimizer``; call it on every rank (FP8 O3 gathers the ranks' shards)."""
+    from swinlab.fp8.shard import optimizer_state_dict as gather
+
+    return gather(optimizer)
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of :func:`optimizer_state_dict` (each FP8 O3 rank takes its own shard back)."""
+    from swinlab.fp8.shard import load_optimizer_state_dict as load
+
+    load(optimizer, state)

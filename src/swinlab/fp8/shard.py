@@ -25,6 +25,7 @@ A few collectives per layer say the same thing directly.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 import torch
@@ -238,3 +239,48 @@ def shard_fp8_linears(
 
 def sharded_layers(model: nn.Module) -> list[ShardedFP8Linear]:
     return [m for m in model.modules() if isinstance(m, ShardedFP8Linear)]
+
+
+def holds_shards(optimizer: torch.optim.Optimizer) -> bool:
+    return any(hasattr(p, "fp8_shard") for group in optimizer.param_groups for p in group["params"])
+
+
+def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()``, or, over O3 shards, every rank's state (a collective: all ranks must call it).
+
+    The gathered form ``{"fp8_o3_ranks": [state of rank 0, ...]}`` is what a rank-0 checkpoint needs to resume
+    every rank; :func:`load_optimizer_state_dict` gives each rank its own entry back.
+    """
+    if not holds_shards(optimizer):
+        return optimizer.state_dict()
+    shard = next(p for g in optimizer.param_groups for p in g["params"] if hasattr(p, "fp8_shard"))
+    group, world = shard.fp8_shard.group, shard.fp8_shard.world
+    # Serialised with torch.save and moved as bytes: all_gather_object's pickler cannot carry FP8 storages.
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(shard.device)
+    sizes = [torch.zeros((), dtype=torch.int64, device=shard.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(payload.numel(), device=shard.device), group=group)
+    longest = int(max(sizes))
+    gathered = payload.new_empty(world * longest)
+    dist.all_gather_single(gathered, F.pad(payload, (0, longest - payload.numel())), group=group)
+    parts = gathered.view(world, longest).cpu()
+    states = [torch.load(io.BytesIO(parts[r, : int(sizes[r])].numpy().tobytes()), weights_only=True)
+              for r in range(world)]  # fmt: skip
+    return {"fp8_o3_ranks": states}
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of :func:`optimizer_state_dict`; an O3 state must be resumed on as many ranks as it was saved on."""
+    if not holds_shards(optimizer):
+        if "fp8_o3_ranks" in state:
+            raise ValueError("this optimizer state holds FP8 O3 shards; resume it with precision fp8-o3")
+        optimizer.load_state_dict(state)
+        return
+    if "fp8_o3_ranks" not in state:
+        raise ValueError("an FP8 O3 optimizer can only resume an FP8 O3 state (this one holds no rank shards)")
+    ranks = state["fp8_o3_ranks"]
+    spec = next(p.fp8_shard for g in optimizer.param_groups for p in g["params"] if hasattr(p, "fp8_shard"))
+    if len(ranks) != spec.world:
+        raise ValueError(f"the FP8 O3 state was saved on {len(ranks)} ranks: resume on as many (not {spec.world})")
+    optimizer.load_state_dict(ranks[spec.rank])
