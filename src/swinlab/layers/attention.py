@@ -29,35 +29,44 @@ def _bias_needs_grad(bias: torch.Tensor) -> bool:
     return bias.requires_grad and torch.is_grad_enabled()
 
 
+def _scaled(qk: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``qk * factor``, written into ``qk`` (the fresh projection output) when no graph is recorded: saves
+    allocating and first-touching a tensor the size of the queries and keys."""
+    factor = factor.to(qk.dtype)
+    return qk * factor if torch.is_grad_enabled() else qk.mul_(factor)
+
+
 def windowed_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """Attention over ``(B, nW, h, N, d)`` inputs with an additive ``bias`` of shape ``(h, N, N)`` (same for
-    every window) or ``(nW, h, N, N)`` (per window: position bias + mask), no extra scaling.
+    every window) or ``(nW, h, N, N)`` (per window: position bias + mask), no extra scaling. Returns the
+    heads merged, ``(B, nW, N, h * d)``, ready for the output projection.
 
-    Without a gradient for the bias (inference, frozen bias) the inputs are folded to 4D with a 4D mask,
-    which is what the fused CPU/CUDA kernels accept (5D inputs or 2-3D masks fall back to the unfused path,
-    ~3x slower on CPU). A bias that needs a gradient (training: the CPB MLP or the bias table learns) rules
-    the fused CPU kernel out, and SDPA's unfused fallback adds several masking passes over the logits, so
-    the plain formula is used instead (~1.5x faster forward + backward on CPU).
+    Without a gradient for the bias (inference, frozen bias) the fused CPU/CUDA kernels run on 4D views of
+    the inputs (5D inputs or 2-3D masks fall back to the unfused path, ~3x slower on CPU): a shared bias
+    folds windows into the batch, a per-window bias runs one call per image with windows as the batch, so
+    neither needs the inputs copied into another layout. A bias that needs a gradient (training: the CPB
+    MLP or the bias table learns) rules the fused CPU kernel out, and SDPA's unfused fallback adds several
+    masking passes over the logits, so the plain formula is used instead (~1.5x faster forward + backward on
+    CPU).
     """
+    b, nw, h, n, d = q.shape
     if _bias_needs_grad(bias):
         attn = torch.softmax(q @ k.transpose(-2, -1) + bias.to(q.dtype), dim=-1)
-        return F.dropout(attn, dropout_p) @ v
-    b, nw, h, n, d = q.shape
+        out = F.dropout(attn, dropout_p) @ v
+        return out.transpose(2, 3).reshape(b, nw, n, h * d)
+    mask = bias.to(q.dtype)
     if bias.dim() == 3:
-        shape, mask = (b * nw, h, n, d), bias[None]
-    else:
-        shape, mask = (b, nw * h, n, d), bias.flatten(0, 1)[None]
-    out = F.scaled_dot_product_attention(
-        q.reshape(shape),
-        k.reshape(shape),
-        v.reshape(shape),
-        attn_mask=mask.to(q.dtype),
-        dropout_p=dropout_p,
-        scale=1.0,
-    )
-    return out.view(b, nw, h, n, d)
+        out = F.scaled_dot_product_attention(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask[None], dropout_p, scale=1.0
+        )
+        return out.view(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, h * d)
+    outs = [
+        F.scaled_dot_product_attention(qi, ki, vi, mask, dropout_p, scale=1.0).transpose(1, 2)
+        for qi, ki, vi in zip(q, k, v, strict=True)
+    ]
+    return torch.stack(outs).view(b, nw, n, h * d)
 
 
 class _WindowAttention(nn.Module):
@@ -122,24 +131,20 @@ class _WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
         """``x``: windows ``(B, nW, N, C)`` produced for ``geom``; returns the same shape."""
-        b, nw, n, c = x.shape
+        b, nw, n, _ = x.shape
         # Through the module (not F.linear on its weight) so a swapped projection (e.g. FP8Linear) takes effect.
         qkv = self.qkv(x)
         bias = self._qkv_bias()
         if bias is not None:
-            qkv = qkv + bias
+            qkv += bias  # in place: a projection's backward never needs its own output
         qkv = qkv.view(b, nw, n, 3, self.num_heads, -1)
         qkv = qkv.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d), a view
         bias = self.attention_bias(geom, x.device, qkv.dtype)
-        if bias.dim() == 4 and not _bias_needs_grad(bias):
-            # A per-window bias makes the fused kernel fold windows into heads, which needs this layout in
-            # memory (one copy); with a shared bias, windows fold into the batch and strided views suffice.
-            qkv = qkv.contiguous()
         # split, not indexing: its backward concatenates the gradients instead of zero-filling and adding
         qk, v = qkv.split([2, 1])
         q, k = self._scale_qk(qk).unbind(0)
         out = windowed_sdpa(q, k, v[0], bias, self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(2, 3).reshape(b, nw, n, c)))
+        return self.proj_drop(self.proj(out))
 
 
 class WindowAttentionV2(_WindowAttention):
@@ -182,7 +187,7 @@ class WindowAttentionV2(_WindowAttention):
         scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
         factor = torch.stack([scale, torch.ones_like(scale)])[:, None, None]  # (2, 1, 1, h, 1, 1)
         inv_norm = factor / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12)
-        return qk * inv_norm.to(qk.dtype)  # autocast computes the norm in float32; keep q/k in qk's dtype
+        return _scaled(qk, inv_norm)  # autocast computes the norm in float32; keep q/k in qk's dtype
 
     def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
         return continuous_position_bias(self.cpb_mlp, window, self._pretrained_for(window))
@@ -223,7 +228,7 @@ class WindowAttentionV1(_WindowAttention):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        return qk * qk.new_tensor([self.scale, 1.0]).view(2, *[1] * (qk.dim() - 1))
+        return _scaled(qk, qk.new_tensor([self.scale, 1.0]).view(2, *[1] * (qk.dim() - 1)))
 
     def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
         table = self.relative_position_bias_table

@@ -125,8 +125,9 @@ class SwinBlockV2(_SwinBlock):
         super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.norm1(self.window_attention(x)))
-        return x + self.drop_path(self.norm2(self.mlp(x)))
+        # Residuals added in place into the fresh branch output (a LayerNorm's backward does not need it).
+        x = self.drop_path(self.norm1(self.window_attention(x))).add_(x)
+        return self.drop_path(self.norm2(self.mlp(x))).add_(x)
 
     def init_post_norms(self) -> None:
         """Zero the post-norms so the block starts as the identity (official ``_init_respostnorm``)."""
