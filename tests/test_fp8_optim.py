@@ -154,9 +154,16 @@ def test_bad_roles_and_options_are_refused():
     torch_opt.step()
     with pytest.raises(ValueError, match="before its first step"):
         convert_optimizer(torch_opt, **FP32_ROLES)
-    with pytest.raises(ValueError, match=r"master_dtype=torch\.float32"):
-        initialize(nn.Sequential(nn.Linear(64, 64)), torch.optim.SGD(model.parameters()), "O2",
-                   grad_mode="dequantized")
+
+
+def test_dequantized_grad_mode_gives_an_fp32_grad_to_the_fp16_master():
+    model, opt = o2_net(grad_mode="dequantized")
+    weight = model.body[0].weight
+    model(torch.randn(8, 8)).sum().backward()
+    assert weight.dtype == torch.float16 and weight.grad.dtype == torch.float32
+    assert getattr(weight, "fp8_grad", None) is None
+    assert len(torch.unique(weight.grad * model.body[0].grad_weight_meta.scale)) <= 256  # E4M3 values
+    assert all(math.isfinite(v) for v in train_steps(model, opt, 3, seed=1))
 
 
 def test_a_weight_tied_to_a_non_fp8_module_is_refused():

@@ -128,8 +128,8 @@ def initialize(
     moments as :data:`LEVEL_DTYPES` says. ``master_dtype`` / ``m1_dtype`` / ``m2_dtype`` override the level's
     choice (the precision-decoupling ablations: e.g. ``master_dtype=torch.float8_e4m3fn``). Without an optimizer
     (evaluation) only the layers are swapped. ``grad_mode="fp8"`` leaves weight gradients as E4M3 in
-    ``weight.fp8_grad``; ``"dequantized"`` hands them to autograd, which stores them in the weight's dtype, so it
-    needs ``master_dtype=torch.float32``.
+    ``weight.fp8_grad`` (1 B/param); ``"dequantized"`` hands the same quantised values to autograd as an FP32
+    ``.grad`` (4 B/param), for code that only knows ``.grad``.
     """
     level = str(opt_level).upper()
     if level not in OPT_LEVELS:
@@ -141,11 +141,6 @@ def initialize(
             raise ValueError("FP8 O3 keeps weight gradients as E4M3 shards: use grad_mode='fp8'")
     overrides = {"master_dtype": master_dtype, "m1_dtype": m1_dtype, "m2_dtype": m2_dtype}
     dtypes = {**LEVEL_DTYPES[level], **{k: v for k, v in overrides.items() if v is not None}}
-    if grad_mode == "dequantized" and optimizer is not None and dtypes["master_dtype"] != torch.float32:
-        raise ValueError(
-            f"grad_mode='dequantized' would store the weight gradients in the master dtype "
-            f"{dtypes['master_dtype']}; use grad_mode='fp8' (E4M3 + scale) or master_dtype=torch.float32"
-        )
     if optimizer is not None:
         check_convertible(optimizer)  # before touching the model, so a refused optimizer leaves it as it was
     convert_linears(

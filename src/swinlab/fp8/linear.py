@@ -91,7 +91,9 @@ class _FP8LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(q_x.data, q_x.scale, q_w.data, q_w.scale, x_finite, w_finite)
         ctx.layer = layer
         ctx.has_bias = bias is not None
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # A scaled FP16/FP8 master holds its gradient in FP32 (``weight.grad_dtype``, set by the FP8 optimizer).
+        grad_w_dtype = getattr(weight, "grad_dtype", None) or weight.dtype
+        ctx.dtypes = (x.dtype, grad_w_dtype, None if bias is None else bias.dtype)
         return out.to(x.dtype)
 
     @staticmethod

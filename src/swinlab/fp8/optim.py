@@ -154,6 +154,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         else:
             q = quantize_current(values, fmt)
             param.data, param.master_scale = q.data, q.scale
+        # An autograd gradient (FP8Linear's grad_mode="dequantized") stays FP32 whatever the master's dtype.
+        param.grad_dtype = torch.float32
 
     def _master_values(self, param: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """The weight's values in FP32 (the parameter itself when it is FP32, so the update runs in place)."""
