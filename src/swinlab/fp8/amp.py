@@ -122,7 +122,8 @@ def initialize(
 ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
     """Prepare ``model`` and ``optimizer`` for FP8 training at ``opt_level``; returns ``(model, optimizer)``.
 
-    Call once, after model and optimizer exist and before any wrapper (DDP, compile). The linears accepted by
+    Call once, after model and optimizer exist and the model is on its device, before any wrapper (DDP,
+    compile). The linears accepted by
     ``module_filter`` (default :func:`default_filter`) become :class:`FP8Linear`; a ``torch.optim.AdamW`` or
     ``torch.optim.SGD`` is replaced by its FP8 twin (same groups and hyper-parameters) storing FP8 weights and
     moments as :data:`LEVEL_DTYPES` says. ``master_dtype`` / ``m1_dtype`` / ``m2_dtype`` override the level's

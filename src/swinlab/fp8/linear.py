@@ -118,7 +118,9 @@ class FP8Linear(nn.Linear):
 
     State dict: ``weight``/``bias`` exactly as ``nn.Linear`` plus the scaling metas' buffers
     (``input_meta.*``, ``weight_meta.*``, ``grad_output_meta.*``, ``grad_weight_meta.*``) so delayed-scaling
-    histories survive a resume; a plain ``nn.Linear`` state dict loads too (metas start fresh).
+    histories survive a resume; a plain ``nn.Linear`` state dict loads too (metas start fresh). When an FP8
+    optimizer keeps the weight as a scaled FP16/FP8 master (:attr:`master_scale`), ``weight`` is saved as FP32
+    values (exact) plus ``weight_scale``, which restores the payload bit for bit.
 
     Weight gradient (``grad_mode``):
       * ``"fp8"`` (O1 design): the gradient is stored as a :class:`ScaledFP8` (E4M3 + fp32 scale, 1 byte/element)
