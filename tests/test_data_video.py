@@ -4,6 +4,8 @@ sampling, clip transforms, multi-view test views, and unreadable / truncated / m
 from __future__ import annotations
 
 import random
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -248,3 +250,33 @@ def test_smoke_read_of_a_real_clip():
     assert frames.shape == (8, 3, 576, 768) and frames.float().std() > 10
     views = VideoTransform(64, train=False, num_crops=3)(frames)
     assert views.shape == (3, 3, 8, 64, 64) and torch.isfinite(views).all()
+
+
+def test_missing_pyav_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # makes `import av` raise ImportError
+    with pytest.raises(ImportError, match=re.escape("pip install swinlab[video]")):
+        PyAVVideo(tmp_path / "x.mp4")
+
+
+@pytest.mark.slow  # a fresh interpreter: torch's import alone takes seconds
+def test_core_imports_without_pyav(tmp_path):
+    """PyAV is an extra: without it swinlab, its data package and the generated demo work, and opening a video
+    file says which extra to install."""
+    import subprocess
+
+    code = f"""
+import sys
+sys.modules["av"] = None  # makes `import av` raise ImportError
+import swinlab, swinlab.data
+from swinlab.config import DataConfig
+bundle = swinlab.data.build(DataConfig(name="motion_demo", hflip=False, clip_len=2, img_size=16, val_limit=2), seed=0)
+assert next(iter(bundle.val_loader))[0].shape == (2, 1, 3, 2, 16, 16)
+from swinlab.data.video import PyAVVideo
+try:
+    PyAVVideo({str(tmp_path / "x.mp4")!r})
+except ImportError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install swinlab[video]" in out.stdout

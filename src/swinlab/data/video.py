@@ -99,7 +99,7 @@ class PyAVVideo:
                     raise VideoReadError(f"{self.path}: no video stream")
                 stream = container.streams.video[0]
                 frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-        except av.FFmpegError as e:
+        except av.error.FFmpegError as e:
             raise VideoReadError(f"{self.path}: {e}") from None
         if frames < 1:
             raise VideoReadError(f"{self.path}: no frames")
@@ -121,7 +121,7 @@ class PyAVVideo:
                         found[i] = frame.to_ndarray(format="rgb24")
                     if i >= last:
                         break
-        except av.FFmpegError as e:
+        except av.error.FFmpegError as e:
             raise VideoReadError(f"{self.path}: decoding failed after {decoded} frames: {e}") from None
         if decoded <= last:
             shortfall = self.num_frames - decoded
