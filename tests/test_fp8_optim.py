@@ -209,10 +209,14 @@ class Net(nn.Module):
         return self.head(self.norm(self.body(torch.relu(self.stem(x)))))
 
 
-def o2_net(seed: int = 0, **kwargs) -> tuple[Net, FP8AdamW]:
+def o2_net(seed: int = 0, sgd: bool = False, **kwargs) -> tuple[Net, FP8AdamW | FP8SGD]:
     torch.manual_seed(seed)
     model = Net()
-    return initialize(model, torch.optim.AdamW(model.parameters(), lr=3e-3), "O2", **kwargs)
+    if sgd:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    return initialize(model, optimizer, "O2", **kwargs)
 
 
 def train_steps(model, opt, steps: int, seed: int) -> list[float]:
@@ -229,8 +233,9 @@ def train_steps(model, opt, steps: int, seed: int) -> list[float]:
     return losses
 
 
-def test_o2_resume_from_state_dicts_continues_bit_identically():
-    model, opt = o2_net()
+@pytest.mark.parametrize("sgd", [False, True], ids=["adamw", "sgd"])
+def test_o2_resume_from_state_dicts_continues_bit_identically(sgd):
+    model, opt = o2_net(sgd=sgd)
     train_steps(model, opt, 3, seed=1)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
@@ -238,9 +243,9 @@ def test_o2_resume_from_state_dicts_continues_bit_identically():
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    assert saved["optimizer"]["fp8"]["dtypes"] == {"master": "float16", "exp_avg": "float8_e4m3fn",
-                                                   "exp_avg_sq": "float16"}
-    resumed, resumed_opt = o2_net(seed=5)  # other initial weights: everything must come from the file
+    moments = {"momentum_buffer": "float8_e4m3fn"} if sgd else {"exp_avg": "float8_e4m3fn", "exp_avg_sq": "float16"}
+    assert saved["optimizer"]["fp8"]["dtypes"] == {"master": "float16", **moments}
+    resumed, resumed_opt = o2_net(seed=5, sgd=sgd)  # other initial weights: everything must come from the file
     resumed.load_state_dict(saved["model"])
     resumed_opt.load_state_dict(saved["optimizer"])
     assert train_steps(resumed, resumed_opt, 3, seed=2) == expected
