@@ -106,6 +106,10 @@ def test_o2_stores_scaled_low_precision_states_and_stays_close_to_adamw():
     assert float(error.max()) <= 5e-4 and float(error.mean()) <= 1e-4
 
 
+def master_values(param: torch.Tensor) -> torch.Tensor:
+    return param.detach().float() / getattr(param, "master_scale", 1.0)
+
+
 def test_e4m3_master_loses_small_updates_fp16_master_keeps_them():
     """The precision-decoupling control: updates far below E4M3's spacing vanish in an E4M3 master."""
 
@@ -114,12 +118,11 @@ def test_e4m3_master_loses_small_updates_fp16_master_keeps_them():
         param = fp8_param(64, 64)
         opt = FP8AdamW([param], lr=1e-3, weight_decay=0.0, master_dtype=master_dtype, m1_dtype=torch.float32,
                        m2_dtype=m2_dtype)
-        values = lambda: param.detach().float() / getattr(param, "master_scale", 1.0)
-        start, g = values(), torch.Generator().manual_seed(1)
+        start, g = master_values(param), torch.Generator().manual_seed(1)
         for _ in range(5):
             param.fp8_grad = quantize(torch.randn(64, 64, generator=g), E4M3, 64.0)
             opt.step()
-        return values() - start
+        return master_values(param) - start
 
     ref = update(torch.float32)
     moved = float(ref.abs().mean())  # ~5 steps of lr 1e-3
