@@ -324,6 +324,22 @@ def test_clip_covers_fp8_gradients_by_editing_their_scale():
     assert model.body[0].weight.fp8_grad is None
 
 
+def test_engine_skips_a_nonfinite_fp8_o2_step(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    cfg = tiny_config(tmp_path, epochs=1, precision="fp8-o2")
+    model, opt, _ = precision.wrap(model, build_optimizer(model, cfg.optim), cfg.precision)
+    x, y = torch.randn(12, 8), torch.randint(0, 5, (12,))
+    poisoned = x[4:8].clone()
+    poisoned[0, 0] = math.inf
+    train = [(x[:4], y[:4]), (poisoned, y[4:8]), (x[8:], y[8:])]
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient at step 1"):
+        result = fit(model, ClassificationTask(), opt, train, [(x, y)], cfg)
+    assert result["skipped_steps"] == 1 and result["step"] == 3
+    assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+    assert all(torch.isfinite(v.float()).all() for s in opt.state.values() for v in s.values())
+
+
 @pytest.mark.slow
 def test_fp8_o2_through_the_engine_resumes_identically(tmp_path, monkeypatch):
     """fit() with fp8-o2: accumulation, clipping, skip check and checkpoint path; a killed run resumes exactly."""
