@@ -6,6 +6,7 @@ runs MODE on gloo and rank 0 saves what the test asserts on to ``OUT`` (``torch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -104,15 +105,15 @@ class FP8Net(nn.Module):
         return self.head(torch.relu(self.mlp(torch.relu(self.stem(x)))))
 
 
-def train_fp8_net(output_dir: str, precision: str, batch_size: int, env=None):
+def train_fp8_net(output_dir: str, precision: str, batch_size: int, env=None, model_seed: int = 0, **overrides):
     """Train FP8Net through the engine (precision.wrap + fit) on the DDP test's data; returns (model, result)."""
     from _ddp_worker import tiny_config, tiny_loaders
     from swinlab.engine import ClassificationTask, build_optimizer, fit
     from swinlab.engine import precision as precision_seam
 
-    cfg = tiny_config(output_dir, precision=precision)
+    cfg = tiny_config(output_dir, precision=precision, **overrides)
     rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-    torch.manual_seed(0)
+    torch.manual_seed(model_seed)
     model = FP8Net()
     train, val = tiny_loaders(batch_size, seed=cfg.seed, rank=rank, world_size=world)
     optimizer = build_optimizer(model, cfg.optim)
@@ -127,14 +128,36 @@ def engine_run(output_dir: str, precision: str) -> dict:
 
     env = init_distributed("cpu")  # joins the group main() opened
     model, result = train_fp8_net(output_dir, precision, batch_size=4, env=env)
-    spread = {}  # how far the ranks' weights drifted apart (0 when every gradient was reduced)
+    spread = {}  # how far the ranks drifted apart: 0 when every gradient and every amax history was reduced
     for name, value in model.state_dict().items():
-        if "_meta." in name:  # FP8 scaling histories follow each rank's own activations
-            continue
         gathered = [torch.empty_like(value) for _ in range(env.world_size)]
         dist.all_gather(gathered, value.contiguous())
         spread[name] = max(float((g.float() - value.float()).abs().max()) for g in gathered)
     return {"result": result, "state_dict": model.state_dict(), "model": repr(model), "rank_spread": spread}
+
+
+class _Killed(Exception):
+    pass
+
+
+def engine_o3_resume(output_dir: str) -> dict:
+    """fp8-o3 through the engine: 2 epochs straight, and a run killed after epoch 1 then resumed (same end?)."""
+    from unittest import mock
+
+    from swinlab.engine import loop
+    from swinlab.engine.distributed import init_distributed
+
+    env = init_distributed("cpu")
+    straight, result = train_fp8_net(f"{output_dir}/straight", "fp8-o3", batch_size=4, env=env)
+
+    def kill_after_epoch_1(row, epochs):  # runs after the epoch's checkpoint is written
+        raise _Killed
+
+    with mock.patch.object(loop, "_summary", kill_after_epoch_1), contextlib.suppress(_Killed):
+        train_fp8_net(f"{output_dir}/resumed", "fp8-o3", batch_size=4, env=env)
+    resumed, resumed_result = train_fp8_net(f"{output_dir}/resumed", "fp8-o3", batch_size=4, env=env, model_seed=7)
+    return {"result": result, "resumed_result": resumed_result, "model": repr(straight),
+            "state_dict": straight.state_dict(), "resumed_state_dict": resumed.state_dict()}  # fmt: skip
 
 
 def o3_problem(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -180,7 +203,7 @@ def main(mode: str, out_path: str, *args: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        result = {"comm": comm_checks, "engine": engine_run, "o3": o3_run}[mode](*args)
+        result = {"comm": comm_checks, "engine": engine_run, "o3": o3_run, "engine_o3": engine_o3_resume}[mode](*args)
         if dist.get_rank() == 0:
             torch.save(result, out_path)
     finally:

@@ -48,3 +48,20 @@ def test_o3_on_two_ranks_matches_o2_in_one_process_at_half_the_memory(tmp_path):
         if value.is_floating_point() and "_meta." not in name and not name.endswith("weight_scale"):
             assert o3["state_dict"][name].shape == value.shape, name  # O3 checkpoints hold full weights
             assert rel_l2(o3["state_dict"][name].float(), value.float()) < 0.1, name
+
+
+@pytest.mark.slow
+def test_engine_fp8_o3_trains_like_o2_and_resumes_exactly(tmp_path):
+    from _fp8_dist_worker import train_fp8_net
+
+    o3 = run_worker("engine_o3", tmp_path / "engine_o3.pt", str(tmp_path / "runs"))
+    assert "ShardedFP8Linear" in o3["model"]
+    _, o2 = train_fp8_net(str(tmp_path / "o2"), "fp8-o2", batch_size=8)  # one process, same global batch
+    # 16 steps at lr 0.05 on 64 samples amplify rounding: one process lands at train loss 0.573 (fp32), 0.600
+    # (fp8-o1), 0.596 (fp8-o2) (measured), so "the same training" here means within 10%.
+    for key in ("train_loss", "val_loss"):
+        assert o3["result"][key] == pytest.approx(o2[key], rel=0.1), key
+    # 1 epoch, stop, resume for the 2nd (each rank reloads its optimizer shard): the same as 2 epochs straight.
+    for name, value in o3["state_dict"].items():
+        torch.testing.assert_close(o3["resumed_state_dict"][name], value, rtol=0, atol=0, msg=name)
+    assert o3["resumed_result"]["train_loss"] == o3["result"]["train_loss"]

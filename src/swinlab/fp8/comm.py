@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from swinlab.fp8.formats import E4M3, FP8Format, compute_scale, get_format, saturating_cast
+from swinlab.fp8.formats import E4M3, FP8Format, ScalingMeta, compute_scale, get_format, saturating_cast
 from swinlab.fp8.tensor import quantize_current
 
 SCALINGS = ("tensor", "bucket")
@@ -76,7 +76,8 @@ class FP8CommState:
     of the buckets whose gradients travel in FP8; the others are all-reduced in their own dtype. ``None`` means all
     of them. ``fp8_grad_params``: parameters DDP ignores whose gradient an FP8Linear keeps as E4M3 in
     ``param.fp8_grad`` (``grad_mode="fp8"``); the hook queues their FP8 all-reduce for the end of the backward pass
-    (see :func:`data_parallel`), so they follow DDP's rhythm, ``no_sync`` included.
+    (see :func:`data_parallel`), so they follow DDP's rhythm, ``no_sync`` included. ``scaling_metas``: FP8 scaling
+    states whose amax histories are MAX-reduced at that point too (:func:`sync_amax_histories_`).
     """
 
     fmt: FP8Format | str = "e4m3"
@@ -85,6 +86,7 @@ class FP8CommState:
     process_group: dist.ProcessGroup | None = None
     fp8_params: Iterable[nn.Parameter] | None = None
     fp8_grad_params: Sequence[nn.Parameter] = ()
+    scaling_metas: Sequence[ScalingMeta] = ()
     bucket_cap_mb: float = 25.0
     stats: CommStats = field(default_factory=CommStats)
 
@@ -96,6 +98,7 @@ class FP8CommState:
             raise ValueError(f"unknown exchange {self.exchange!r} (choose one of {', '.join(EXCHANGES)})")
         self._fp8_ids = None if self.fp8_params is None else {id(p) for p in self.fp8_params}
         self.fp8_grad_params = list(self.fp8_grad_params)
+        self.scaling_metas = list(self.scaling_metas)
         self._queued = False
 
     def wants_fp8(self, param: torch.Tensor) -> bool:
@@ -256,9 +259,30 @@ def all_reduce_fp8_grads_(params: Sequence[nn.Parameter], state: FP8CommState) -
             bucket = []
 
 
-def _reduce_queued_fp8_grads(state: FP8CommState) -> None:
+@torch.no_grad()
+def sync_amax_histories_(metas: Sequence[ScalingMeta], group: dist.ProcessGroup | None = None) -> None:
+    """MAX-reduce the amax histories of ``metas`` over the ranks (one collective) and refresh their scales.
+
+    Each rank records the amaxes of its own activations and output gradients, so delayed scales drift apart;
+    reduced after every synchronising backward (as TransformerEngine reduces amaxes over its FP8 group), every rank
+    casts with the same scales, and a checkpoint written by rank 0 holds every rank's scaling state.
+    """
+    if not metas:
+        return
+    flat = torch.cat([m.amax_history for m in metas])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    offset = 0
+    for meta in metas:
+        n = meta.amax_history.numel()
+        meta.amax_history.copy_(flat[offset:offset + n])
+        meta.scale.copy_(compute_scale(meta.amax_history.max(), meta.fmt, meta.margin, meta.scale))
+        offset += n
+
+
+def _after_backward(state: FP8CommState) -> None:
     state._queued = False
     all_reduce_fp8_grads_(state.fp8_grad_params, state)
+    sync_amax_histories_(state.scaling_metas, state.process_group)
 
 
 def fp8_allreduce_hook(state: FP8CommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -269,9 +293,9 @@ def fp8_allreduce_hook(state: FP8CommState, bucket: dist.GradBucket) -> torch.fu
     ``state.fp8_grad_params`` for the end of that pass. Register with
     ``ddp.register_comm_hook(FP8CommState(...), fp8_allreduce_hook)``.
     """
-    if state.fp8_grad_params and not state._queued:
+    if (state.fp8_grad_params or state.scaling_metas) and not state._queued:
         state._queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: _reduce_queued_fp8_grads(state))
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _after_backward(state))
     grads, params = bucket.gradients(), bucket.parameters()
     fp8 = [g for g, p in zip(grads, params, strict=True) if state.wants_fp8(p)]
     high = [g for g, p in zip(grads, params, strict=True) if not state.wants_fp8(p)]
@@ -297,7 +321,8 @@ def data_parallel(
     only sees autograd gradients, and a parameter whose gradient never arrives would stall it) and averaged in FP8
     at the end of every synchronising backward; FP8 weights with ordinary gradients (``"dequantized"``) travel in
     FP8 inside DDP's buckets; every other parameter (biases, norms, embeddings, heads) is all-reduced in its own
-    precision, as MS-AMP does. ``ddp_kwargs`` go to ``DistributedDataParallel`` (e.g. ``device_ids``).
+    precision, as MS-AMP does. The FP8 scaling histories are MAX-reduced after each synchronising backward, so all
+    ranks cast alike. ``ddp_kwargs`` go to ``DistributedDataParallel`` (e.g. ``device_ids``).
     """
     from swinlab.fp8.linear import FP8Linear
 
@@ -310,7 +335,8 @@ def data_parallel(
         raise ValueError("data_parallel: the model has no FP8Linear layers (call swinlab.fp8.initialize first)")
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [name for name, _ in hidden])
     ddp = DistributedDataParallel(model, process_group=process_group, **ddp_kwargs)
+    metas = [meta for m in model.modules() if isinstance(m, FP8Linear) for meta in m.metas()]
     state = FP8CommState(fmt=fmt, process_group=process_group, fp8_params=[p for _, p in in_buckets],
-                         fp8_grad_params=[p for _, p in hidden])  # fmt: skip
+                         fp8_grad_params=[p for _, p in hidden], scaling_metas=metas)  # fmt: skip
     ddp.register_comm_hook(state, fp8_allreduce_hook)
     return ddp

@@ -33,8 +33,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from swinlab.fp8.comm import CommStats, FP8CommState, all_reduce_mean_, fp8_reduce_scatter, shared_amax
-from swinlab.fp8.formats import E4M3, compute_scale, saturating_cast
+from swinlab.fp8.comm import (
+    CommStats,
+    FP8CommState,
+    all_reduce_mean_,
+    fp8_reduce_scatter,
+    shared_amax,
+    sync_amax_histories_,
+)
+from swinlab.fp8.formats import E4M3, ScalingMeta, compute_scale, saturating_cast
 from swinlab.fp8.linear import FP8Linear
 from swinlab.fp8.tensor import ScaledFP8, quantize_current
 
@@ -83,10 +90,12 @@ class ShardSpec:
 
 @dataclass
 class O3State:
-    """What a sharded model's layers share: the group, comm accounting, and the replicated parameters."""
+    """What a sharded model's layers share: the group, comm accounting, the replicated parameters (averaged at the
+    end of each backward) and the FP8 scaling metas (amax histories MAX-reduced then, so all ranks cast alike)."""
 
     group: dist.ProcessGroup | None
     replicated: list[nn.Parameter]
+    metas: list[ScalingMeta]
     comm: FP8CommState = field(init=False)
     _queued: bool = False
 
@@ -108,6 +117,7 @@ class O3State:
         grads = [p.grad for p in self.replicated if p.grad is not None]
         if grads:
             all_reduce_mean_(grads, self.comm)
+        sync_amax_histories_(self.metas, self.group)
 
 
 class ShardedFP8Linear(FP8Linear):
@@ -225,7 +235,8 @@ def shard_fp8_linears(
     if optimizer.state:
         raise ValueError("shard the model before the optimizer's first step (it already holds state)")
     fp8_ids = {id(layer.weight) for _, layer in layers}
-    o3 = O3State(group, [p for p in model.parameters() if id(p) not in fp8_ids and p.requires_grad])
+    replicated = [p for p in model.parameters() if id(p) not in fp8_ids and p.requires_grad]
+    o3 = O3State(group, replicated, [meta for _, layer in layers for meta in layer.metas()])
     replaced: dict[int, nn.Parameter] = {}
     for name, layer in layers:
         sharded = ShardedFP8Linear.from_fp8_linear(layer, o3)
