@@ -28,7 +28,7 @@ from torch import nn
 import swinlab
 from swinlab.config import OptimConfig
 from swinlab.engine import build_optimizer
-from swinlab.layers import fuse_gmconv
+from swinlab.layers import GMConv2d, fuse_gmconv
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -51,6 +51,18 @@ def infer(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
             model(x)
+
+    return run
+
+
+def mask_work(model: nn.Module) -> Callable[[], None]:
+    """What GMConv adds to a step, alone: every layer's mask and ``weight * mask`` forward, and their backward
+    down to ``log_sigma`` and ``weight`` (driven by a sum, which adds one more pass: an upper bound). Timed
+    on its own it is far less sensitive to a busy machine than the difference of two multi-second steps."""
+    layers = [m for m in model.modules() if isinstance(m, GMConv2d)]
+
+    def run() -> None:
+        sum(m.masked_weight().sum() for m in layers).backward()
 
     return run
 
@@ -117,12 +129,16 @@ def main() -> None:
         {"plain": infer(plain, x), "gmconv_fused": infer(fused, x), "gmconv_unfused": infer(gmconv, x)},
         args.rounds, args.warmup,
     )  # fmt: skip
+    mask_times = interleaved({"mask": mask_work(gmconv)}, rounds=10 * args.rounds, warmup=args.warmup)["mask"]
+    mask_s = statistics.median(mask_times)
     result = {
         "model": args.model, "img_size": args.img_size, "batch": args.batch, "threads": args.threads,
         "rounds": args.rounds, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "load_1min_before": load, "load_1min_after": os.getloadavg()[0], "fused_layers": len(fused_names),
         "fused_vs_unfused_max_abs_diff": gap,
         "train_step": summarise(train_times, "plain"), "inference": summarise(infer_times, "plain"),
+        "mask_work_median_s": mask_s,
+        "mask_work_vs_plain_step": mask_s / statistics.median(train_times["plain"]),
     }  # fmt: skip
     print(f"{args.model} vs {args.model}_gmconv, {args.img_size} px, batch {args.batch}, {args.threads} thread(s), "
           f"{args.rounds} interleaved rounds; 1-min load {load:.1f} -> {result['load_1min_after']:.1f}")  # fmt: skip
@@ -130,6 +146,8 @@ def main() -> None:
         for name, row in result[section].items():
             ms = f"median {row['median_s'] * 1000:8.1f} ms  min {row['min_s'] * 1000:8.1f} ms"
             print(f"  {section:<10} {name:<15} {ms}  ratio vs plain {row['ratio_vs_plain']:.3f}")
+    print(f"  GMConv's own work per step (all masks, forward + backward) {mask_s * 1000:.1f} ms = "
+          f"{100 * result['mask_work_vs_plain_step']:.2f} % of the plain step's median")  # fmt: skip
     print(f"  fused {len(fused_names)} GMConv layers; max |fused - unfused| output difference {gap:.2e}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -9,6 +9,7 @@ import swinlab
 from swinlab.config import load_config
 from swinlab.engine import param_groups
 from swinlab.layers import GMConv2d
+from swinlab.metrics.erf import load_source, sigma_table
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -146,6 +147,10 @@ def test_cpu_recipe_trains_through_the_engine(tmp_path):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     sigma = state["layer1.0.conv1.log_sigma"].exp()
     assert sigma.shape == (16, 1, 1) and not torch.allclose(sigma, torch.full_like(sigma, 1.5))  # sigma trained
+    source = load_source(str(tmp_path))  # what `swinlab erf RUN` probes: the run's model with its weights
+    rows = {row.layer: row for row in sigma_table(source.model)}
+    torch.testing.assert_close(rows["layer1.0.conv1"].values, sigma.flatten())
+    assert source.data.name == "fashion_mnist_embedded" and source.data.img_size == 32
 
 
 def test_input_errors():

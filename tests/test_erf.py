@@ -72,20 +72,35 @@ def _tiny_run(tmp_path, name, model):
     return str(tmp_path / name)
 
 
-def test_erf_command_compares_a_gmconv_run_with_its_plain_twin(tmp_path, capsys):
+@pytest.mark.slow  # two trainings' and three figures' matplotlib rendering: ~4 s idle, 15+ s on a busy CPU
+def test_erf_command_compares_a_run_with_a_model(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    gm, plain = _tiny_run(tmp_path, "gm", "resnet18_gmconv"), _tiny_run(tmp_path, "plain", "resnet18")
+    gm = _tiny_run(tmp_path, "gm", "resnet18_gmconv")
     capsys.readouterr()
-    assert main(["erf", gm, "--layer", "layer2.1.conv2", "--compare", plain, "--batch", "4"]) == 0
+    args = ["--layer", "layer2.1.conv2", "--compare", "resnet18", "--img-size", "32", "--batch", "4"]
+    assert main(["erf", gm, *args]) == 0
     out = capsys.readouterr().out
-    assert f"{gm} " in out and f"{plain} " in out and "spread" in out
-    assert "layer2.1.conv2           3x3" in out and "(no GMConv layers)" in out  # the plain run has no sigma
+    assert f"{gm} " in out and "resnet18 " in out and "spread" in out
+    assert "layer2.1.conv2           3x3" in out and "(no GMConv layers)" in out  # the plain model has no sigma
     for png in ("erf_layer2.1.conv2.png", "sigma.png"):
         assert (Path(gm) / png).read_bytes()[:4] == b"\x89PNG"
     # noise inputs and a registered model name, into a chosen folder
     args = ["--img-size", "32", "--inputs", "noise", "--batch", "2", "--out", str(tmp_path / "o")]
     assert main(["erf", "resnet18", *args]) == 0
     assert (tmp_path / "o" / "erf_layer4.1.conv2.png").is_file() and not (tmp_path / "o" / "sigma.png").exists()
+
+
+def test_erf_report_of_two_models_on_the_same_images(tmp_path):
+    pytest.importorskip("matplotlib")
+    from swinlab.metrics.erf import erf_report
+
+    report = erf_report(["resnet18_gmconv", "resnet18"], "layer1.1.conv2", img_size=32, batch=2, out_dir=tmp_path)
+    gm, plain = report.erfs["resnet18_gmconv"], report.erfs["resnet18"]
+    assert gm.shape == plain.shape == (32, 32)
+    assert erf_spread(gm) < erf_spread(plain)  # same init weights scale, but the mask damps the kernels' rims
+    assert len(report.sigmas["resnet18_gmconv"]) == 17 and report.sigmas["resnet18"] == []
+    assert report.figure == tmp_path / "erf_layer1.1.conv2.png" and report.sigma_figure == tmp_path / "sigma.png"
+    assert "resnet18_gmconv" in report.format() and "(no GMConv layers)" in report.format()
 
 
 def test_erf_command_errors_are_one_line(tmp_path, capsys):
