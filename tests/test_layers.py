@@ -162,7 +162,7 @@ def _reference_v2(attn, x, geom):
     bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
     q, k, v = F.linear(x, attn.qkv.weight, bias).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)
     logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-    logits = logits * torch.clamp(attn.logit_scale, max=math.log(100)).exp() + attn.position_bias(geom.window)
+    logits = logits * torch.clamp(attn.logit_scale, max=LOGIT_SCALE_MAX).exp() + attn.position_bias(geom.window)
     mask = window_mask(geom, x.device)
     if mask is not None:
         logits = logits + mask[:, None]
@@ -181,6 +181,29 @@ def test_v2_attention_matches_explicit_formula(shift):
     x = to_windows(torch.randn(2, 8, 8, 16), geom)
     torch.testing.assert_close(attn(x, geom), _reference_v2(attn, x, geom), atol=1e-5, rtol=1e-5)
     assert pytest.approx(math.log(100), abs=1e-6) == LOGIT_SCALE_MAX
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (2, 2)])
+def test_v2_attention_gradients_match_explicit_formula(shift):
+    """The hand-written backward of the cosine q/k scaling, against autograd through F.normalize (float64)."""
+    attn = WindowAttentionV2(16, 2).double().train()
+    with torch.no_grad():
+        attn.logit_scale[0] = 6.0  # clamped: no gradient reaches this head's scale
+        attn.logit_scale[1] = 1.5
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+    geom = window_geometry((8, 8), (4, 4), shift)
+    x = to_windows(torch.randn(2, 8, 8, 16, dtype=torch.float64), geom)
+    x[0, 0, 3] *= 1e-14  # a key with norm below the 1e-12 floor: the clamped branch of the backward
+    x.requires_grad_(True)
+    weights = torch.randn(2, geom.num_windows, 16, 16, dtype=torch.float64)
+    grads = []
+    for fn in (attn, lambda x, g: _reference_v2(attn, x, g)):
+        params = [x, *attn.parameters()]
+        grads.append(torch.autograd.grad((fn(x, geom) * weights).sum(), params, allow_unused=True))
+    for name, ours, ref in zip(["x", *dict(attn.named_parameters())], *grads, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    assert grads[0][[n for n, _ in attn.named_parameters()].index("logit_scale") + 1][0].abs().max() == 0
 
 
 def test_v2_bias_cache_invalidated_by_parameter_updates():

@@ -29,11 +29,66 @@ def _bias_needs_grad(bias: torch.Tensor) -> bool:
     return bias.requires_grad and torch.is_grad_enabled()
 
 
-def _scaled(qk: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``qk * factor``, written into ``qk`` (the fresh projection output) when no graph is recorded: saves
-    allocating and first-touching a tensor the size of the queries and keys."""
-    factor = factor.to(qk.dtype)
-    return qk * factor if torch.is_grad_enabled() else qk.mul_(factor)
+NORM_EPS = 1e-12
+"""Floor of the q/k norms in the cosine attention, as in ``F.normalize``."""
+
+
+def _cosine_multiplier(qk: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For stacked raw queries and keys ``qk`` ``(..., 2, h, d)`` and the per-head logit scale ``s`` ``(h, 1)``:
+    the factors ``(s, 1)`` ``(2, h, 1)``, the norms ``(..., 2, h, 1)`` and the multiplier ``factor / |x|`` in
+    ``qk``'s dtype (autocast computes the norm in float32), so that ``cos(q, k) * s = (q m_q) . (k m_k)``."""
+    factor = torch.stack([scale, torch.ones_like(scale)])
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True)
+    return factor, norm, (factor / norm.clamp_min(NORM_EPS)).to(qk.dtype)
+
+
+class _CosineQKV(torch.autograd.Function):
+    """``q s / |q|``, ``k / |k|`` and ``v`` as ``(B, nW, h, N, d)`` views of one projection output ``(B, nW,
+    N, 3, h, d)``, with a hand-written backward.
+
+    The backward writes the three gradients straight into one tensor in the projection's layout, with
+    ``dx = m g - y (y . g) m / f^2`` (``y = m x`` the output, ``m = f / |x|``, ``f`` = s or 1; the second term
+    vanishes where the norm is clamped) and ``ds = sum (y . g) / s``. Autograd's version of the same few ops
+    allocates five or six tensors the size of q and k (norm and division backward, stack, split and layout
+    copies), which on the largest stage costs more than the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor):
+        qk = qkv[..., :2, :, :]
+        factor, norm, mult = _cosine_multiplier(qk, scale)
+        y = qk * mult
+        ctx.save_for_backward(y, mult, factor, norm > NORM_EPS)
+        q, k = y.unbind(-3)
+        return q.transpose(2, 3), k.transpose(2, 3), qkv[..., 2, :, :].transpose(2, 3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        y, mult, factor, unclamped = ctx.saved_tensors
+        grad = y.new_empty(*y.shape[:3], 3, *y.shape[4:])
+        grad[..., 2, :, :].copy_(dv.transpose(2, 3))
+        dots = []
+        for i, g in enumerate((dq.transpose(2, 3), dk.transpose(2, 3))):
+            yi, mi, out = y[..., i, :, :], mult[..., i, :, :], grad[..., i, :, :]
+            dot = (g * yi).sum(-1, keepdim=True)
+            torch.mul(g, mi, out=out)
+            out.addcmul_(yi, dot * mi / factor[i].square() * unclamped[..., i, :, :], value=-1)
+            dots.append(dot)
+        dscale = (dots[0] / factor[0]).sum((0, 1, 2)) if ctx.needs_input_grad[1] else None
+        return grad, dscale
+
+
+def cosine_qkv(qkv: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled-cosine attention inputs from a projection output ``(B, nW, N, 3, h, d)`` and the per-head logit
+    scale ``(h, 1)``: ``q s / |q|``, ``k / |k|``, ``v``, each ``(B, nW, h, N, d)``, so that ``q k^T`` are the
+    V2 logits. Without autograd the queries and keys are scaled in place."""
+    if torch.is_grad_enabled():
+        return _CosineQKV.apply(qkv, scale)
+    qk = qkv[..., :2, :, :]
+    qk.mul_(_cosine_multiplier(qk, scale)[2])
+    q, k, v = qkv.unbind(-3)
+    return q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)
 
 
 def windowed_sdpa(
@@ -53,7 +108,9 @@ def windowed_sdpa(
     """
     b, nw, h, n, d = q.shape
     if _bias_needs_grad(bias):
-        attn = torch.softmax(q @ k.transpose(-2, -1) + bias.to(q.dtype), dim=-1)
+        logits = q @ k.transpose(-2, -1)
+        logits += bias.to(q.dtype)  # in place: a matmul's backward does not need its output
+        attn = torch.softmax(logits, dim=-1)
         out = F.dropout(attn, dropout_p) @ v
         return out.transpose(2, 3).reshape(b, nw, n, h * d)
     mask = bias.to(q.dtype)
@@ -86,8 +143,9 @@ class _WindowAttention(nn.Module):
         """A bias added to the ``qkv`` projection's output when it is not part of the module itself."""
         return None
 
-    def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        """Turn stacked ``(2, ..., h, N, d)`` queries and keys into the SDPA inputs (logits = q' k'^T)."""
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projection output ``(B, nW, N, 3, h, d)`` -> attention inputs q, k, v ``(B, nW, h, N, d)`` (views
+        where possible) whose ``q k^T`` are the logits without the position bias."""
         raise NotImplementedError
 
     def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
@@ -137,13 +195,9 @@ class _WindowAttention(nn.Module):
         bias = self._qkv_bias()
         if bias is not None:
             qkv += bias  # in place: a projection's backward never needs its own output
-        qkv = qkv.view(b, nw, n, 3, self.num_heads, -1)
-        qkv = qkv.permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d), a view
-        bias = self.attention_bias(geom, x.device, qkv.dtype)
-        # split, not indexing: its backward concatenates the gradients instead of zero-filling and adding
-        qk, v = qkv.split([2, 1])
-        q, k = self._scale_qk(qk).unbind(0)
-        out = windowed_sdpa(q, k, v[0], bias, self.attn_drop if self.training else 0.0)
+        q, k, v = self._heads(qkv.view(b, nw, n, 3, self.num_heads, -1))
+        bias = self.attention_bias(geom, x.device, q.dtype)
+        out = windowed_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out))
 
 
@@ -181,13 +235,9 @@ class WindowAttentionV2(_WindowAttention):
             return None
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
-    def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        # cos(q, k) * s = (q * s / |q|) . (k / |k|): one norm and one multiply for both, and SDPA runs with
-        # scale=1 and the bias as an additive mask. eps as in F.normalize.
-        scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        factor = torch.stack([scale, torch.ones_like(scale)])[:, None, None]  # (2, 1, 1, h, 1, 1)
-        inv_norm = factor / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-12)
-        return _scaled(qk, inv_norm)  # autocast computes the norm in float32; keep q/k in qk's dtype
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # cos(q, k) * s = (q * s / |q|) . (k / |k|), so SDPA runs with scale=1 and the bias as an additive mask
+        return cosine_qkv(qkv, self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp().view(-1, 1))
 
     def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
         return continuous_position_bias(self.cpb_mlp, window, self._pretrained_for(window))
@@ -227,8 +277,13 @@ class WindowAttentionV1(_WindowAttention):
         )
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _scale_qk(self, qk: torch.Tensor) -> torch.Tensor:
-        return _scaled(qk, qk.new_tensor([self.scale, 1.0]).view(2, *[1] * (qk.dim() - 1)))
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # split, not indexing: its backward concatenates the gradients instead of zero-filling and adding
+        qk, v = qkv.permute(3, 0, 1, 4, 2, 5).split([2, 1])
+        factor = qk.new_tensor([self.scale, 1.0]).view(2, *[1] * (qk.dim() - 1))
+        qk = qk * factor if torch.is_grad_enabled() else qk.mul_(factor)  # in place: the fresh projection output
+        q, k = qk.unbind(0)
+        return q, k, v[0]
 
     def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
         table = self.relative_position_bias_table

@@ -81,7 +81,7 @@ def cpb_mlp(num_heads: int, rank: int = 2, hidden: int = CPB_HIDDEN) -> nn.Seque
 
 def continuous_position_bias(mlp: nn.Module, window: Size, pretrained_window: Size) -> torch.Tensor:
     """V2 bias ``16 * sigmoid(mlp(coords))`` gathered to ``(heads, N, N)``; values in (0, 16)."""
-    device = next(mlp.parameters()).device
-    coords = log_spaced_coords(tuple(window), tuple(pretrained_window), device)
-    raw = mlp(coords.flatten(0, -2))
+    weight = next(mlp.parameters())
+    coords = log_spaced_coords(tuple(window), tuple(pretrained_window), weight.device)
+    raw = mlp(coords.flatten(0, -2).to(weight.dtype))  # the table is float32; a float64 model gets it in float64
     return 16 * torch.sigmoid(gather_relative_bias(raw, window))
