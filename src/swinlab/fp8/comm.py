@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from swinlab.fp8.formats import E4M3, FP8Format, ScalingMeta, compute_scale, get_format, saturating_cast
-from swinlab.fp8.tensor import quantize_current
+from swinlab.fp8.tensor import ScaledFP8, quantize_current
 
 SCALINGS = ("tensor", "bucket")
 EXCHANGES = ("auto", "reduce_scatter", "all_gather")
@@ -240,23 +240,36 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor], state: FP8CommState) -> No
     _write_flat(tensors, flat / world)
 
 
+def store_e4m3(values: torch.Tensor) -> ScaledFP8:
+    """``values`` as E4M3 with a current scale, the form gradients are kept in; the scale is NaN if any value is
+    non-finite (the saturating cast would otherwise turn Inf into 448), so optimizers see it and skip the step."""
+    q = quantize_current(values, E4M3)
+    return ScaledFP8(q.data, torch.where(torch.isfinite(values).all(), q.scale, torch.nan), E4M3)
+
+
 def all_reduce_fp8_grads_(params: Sequence[nn.Parameter], state: FP8CommState) -> None:
-    """Average the E4M3 gradients in ``param.fp8_grad`` over the ranks; each is re-stored as E4M3 + scale.
+    """Average the E4M3 gradients in ``param.fp8_grad`` over the ranks; each is re-stored with :func:`store_e4m3`.
 
     Gradients are dequantised a bucket (``state.bucket_cap_mb`` of FP32) at a time, so the transient FP32 copy stays
     bounded. Every rank must hold an FP8 gradient for the same parameters (they follow the same backward).
     """
-    with_grad = [p for p in params if getattr(p, "fp8_grad", None) is not None]
-    cap = max(1, int(state.bucket_cap_mb * 2**20 / 4))
-    bucket: list[nn.Parameter] = []
-    for i, param in enumerate(with_grad):
+    cap = state.bucket_cap_mb * 2**20 / 4
+
+    def reduce(bucket: list[nn.Parameter]) -> None:
+        values = [p.fp8_grad.dequantize() for p in bucket]
+        fp8_all_reduce_(values, state)
+        for p, v in zip(bucket, values, strict=True):
+            p.fp8_grad = store_e4m3(v)
+
+    bucket, size = [], 0
+    for param in (p for p in params if getattr(p, "fp8_grad", None) is not None):
+        if bucket and size + param.numel() > cap:
+            reduce(bucket)
+            bucket, size = [], 0
         bucket.append(param)
-        if i + 1 == len(with_grad) or sum(p.numel() for p in bucket) + with_grad[i + 1].numel() > cap:
-            values = [p.fp8_grad.dequantize() for p in bucket]
-            fp8_all_reduce_(values, state)
-            for p, v in zip(bucket, values, strict=True):
-                p.fp8_grad = quantize_current(v, E4M3)
-            bucket = []
+        size += param.numel()
+    if bucket:
+        reduce(bucket)
 
 
 @torch.no_grad()

@@ -39,11 +39,12 @@ from swinlab.fp8.comm import (
     all_reduce_mean_,
     fp8_reduce_scatter,
     shared_amax,
+    store_e4m3,
     sync_amax_histories_,
 )
 from swinlab.fp8.formats import E4M3, ScalingMeta, compute_scale, saturating_cast
 from swinlab.fp8.linear import FP8Linear
-from swinlab.fp8.tensor import ScaledFP8, quantize_current
+from swinlab.fp8.tensor import ScaledFP8
 
 META_NAMES = ("input_meta", "weight_meta", "grad_output_meta", "grad_weight_meta")
 
@@ -189,10 +190,7 @@ class ShardedFP8Linear(FP8Linear):
         previous = getattr(self.weight, "fp8_grad", None)
         if previous is not None:
             shard = shard + previous.dequantize()
-        q = quantize_current(shard, E4M3)
-        finite = torch.isfinite(shard).all()
-        # NaN in the scale marks a non-finite gradient for the optimizer's check (the payload saturated).
-        self.weight.fp8_grad = ScaledFP8(q.data, torch.where(finite, q.scale, torch.nan), E4M3)
+        self.weight.fp8_grad = store_e4m3(shard)
         self.o3.reduce_replicated_after_backward()
         return None
 
