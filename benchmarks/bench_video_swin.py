@@ -1,0 +1,251 @@
+"""Video Swin-T throughput on CPU: swinlab's ``video_swin_tiny`` against torchvision's ``swin3d_t``, measured in the
+same run, interleaved.
+
+Both load the same weights (a seeded swinlab model with non-trivial norms, mapped to torchvision's key layout) and
+get the same clip; their logits are compared before timing. torchvision cannot be installed beside the torch 2.13 CPU
+wheel, so it runs in a second interpreter (``--peer-python``, a venv with torch 2.14.1 + torchvision 0.29.1 and
+swinlab installed ``--no-deps``); swinlab is measured on both torches, the same-torch row being the fair ratio.
+
+    python benchmarks/bench_video_swin.py --peer-python /work/peerenv/bin/python --threads 2
+
+Protocol (as ``bench_swin.py``, helpers in ``_common.py``): every (implementation, mode) in its own subprocess;
+"infer" = eval() + inference_mode forward, "train" = train() + forward + cross entropy + backward + AdamW step;
+``--warmup`` untimed and ``--iters`` timed steps, median. The machine is shared, so the whole set of rows is repeated
+``--rounds`` times with the implementations interleaved inside each round, and the ratios are taken per round (rows
+measured minutes apart on a busy machine are not comparable). Default clip 1x3x8x224x224: 224 px keeps every
+stage's spatial grid at least one 7x7 window, so both implementations compute the same function (the official
+relative-position slicing that torchvision copies is wrong only when a spatial axis is clamped); 8 frames (4 temporal
+tokens, the temporal window clamped from 8 to 4) halves the cost of the paper's 16-32 frames. FLOPs from
+FlopCounterMode on one forward of each implementation, the largest used (it does not see the fused attention
+swinlab runs, torchvision's explicit matmuls it does); train counted as 3x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import available, gemm_peak, make_optimizer, measure_steps, run_json
+
+MODEL = "video_swin_tiny"
+
+
+def build(impl: str, weights: str | None):
+    """``impl`` (``swinlab`` or ``torchvision``) with the shared weights (official recognizer layout) loaded."""
+    import torch
+
+    if impl == "swinlab":
+        from swinlab import create_model
+        from swinlab.models.video_checkpoints import load_official_video
+
+        model = create_model(MODEL)
+        if weights:
+            load_official_video(model, weights, strict=True)
+        return model
+    if impl == "torchvision":
+        import torchvision
+
+        model = torchvision.models.video.swin3d_t()
+        if weights:
+            state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
+            missing, unexpected = model.load_state_dict(official_to_torchvision(state), strict=False)
+            missing = [k for k in missing if not k.endswith("relative_position_index")]
+            if missing or unexpected:
+                raise RuntimeError(f"torchvision key map incomplete: {missing[:5]} {unexpected[:5]}")
+        return model
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def official_to_torchvision(state: dict) -> dict:
+    """Official Video Swin recognizer keys -> torchvision's ``swin3d_*`` layout: stages are ``features.0,2,4,6``,
+    patch merging ``features.1,3,5``, the MLP's ``fc1`` / ``fc2`` are ``mlp.0`` / ``mlp.3``, the head is ``head``."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("cls_head.fc_cls."):
+            out["head." + key.rsplit(".", 1)[1]] = value
+            continue
+        parts = key.removeprefix("backbone.").split(".")
+        if parts[0] == "layers":
+            stage = int(parts[1])
+            if parts[2] == "downsample":
+                parts = ["features", str(2 * stage + 1), *parts[3:]]
+            else:  # layers.i.blocks.j.<rest>
+                rest = ".".join(parts[4:]).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+                parts = ["features", str(2 * stage), parts[3], rest]
+        out[".".join(parts)] = value
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+    model = build(args.impl, args.weights)
+    result: dict = {"impl": args.impl, "mode": args.mode, "torch": torch.__version__, "round": args.round}
+    x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
+    if args.mode == "check":
+        model.eval()
+        with torch.inference_mode():
+            torch.save(model(torch.load(args.input, weights_only=True)), args.output)
+        return
+    if args.mode == "flops":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x[:1])
+        result["flops_per_clip"] = counter.get_total_flops()
+        print(json.dumps(result))
+        return
+    if args.mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+    else:
+        model.train()
+        optimizer = make_optimizer(model, args.impl, args.optimizer)
+        y = torch.randint(0, 400, (args.batch,))
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    timing = measure_steps(step, args.warmup, args.iters)
+    result.update(timing, clips_per_s=args.batch / timing["median_s"])
+    print(json.dumps(result))
+
+
+def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
+    cmd = [python, __file__, "--worker", "--impl", impl, "--mode", mode, "--weights", args.weights]
+    for key in ("threads", "batch", "frames", "img", "iters", "warmup", "optimizer"):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    for key, value in extra.items():
+        cmd += [f"--{key}", str(value)]
+    return run_json(cmd, args.threads, f"{impl}/{mode}")
+
+
+def _label(python: str, impl: str) -> str:
+    return f"{impl} ({Path(python).parent.parent.name})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-python", default=None, help="interpreter with torchvision (torch 2.14.1)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat all rows, interleaved, this many times")
+    parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
+    parser.add_argument("--no-local", action="store_true", help="skip swinlab on this interpreter")
+    parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
+    parser.add_argument("--json", default=None, help="write all raw results here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    from swinlab import create_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_vswin_"))
+    torch.manual_seed(0)
+    reference = create_model(MODEL)
+    for name, p in reference.named_parameters():  # non-trivial weights so a wrong layout cannot pass the check
+        if "norm" in name:
+            with torch.no_grad():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
+    args.weights = str(tmp / "weights.pt")
+    torch.save({"state_dict": reference.state_dict()}, args.weights)
+    torch.save(torch.randn(args.batch, 3, args.frames, args.img, args.img), tmp / "input.pt")
+
+    impls = [] if args.no_local else [(sys.executable, "swinlab")]
+    if args.peer_python:
+        impls += [(args.peer_python, impl) for impl in ("swinlab", "torchvision") if available(args.peer_python, impl)]
+    print(f"fp32 GEMM peak ({args.threads} threads): ", end="", flush=True)
+    peak = gemm_peak(args.threads)
+    print(f"{peak:.0f} GFLOP/s", flush=True)
+    outputs, counted = {}, {}
+    for python, impl in impls:
+        out = tmp / f"{impl}-{Path(python).parent.parent.name}.pt"
+        run_worker(python, impl, "check", args, input=tmp / "input.pt", output=out)
+        if out.exists():
+            outputs[_label(python, impl)] = torch.load(out, weights_only=True)
+        counted[_label(python, impl)] = run_worker(python, impl, "flops", args)["flops_per_clip"]
+    # FlopCounterMode does not count fused attention (swinlab's SDPA); torchvision's explicit matmuls give the
+    # complete count of the same function, so the largest count is the one used.
+    flops = max(counted.values())
+    print("FlopCounterMode GFLOP/clip:", {k: f"{v / 1e9:.2f}" for k, v in counted.items()}, flush=True)
+    base = next(iter(outputs.values()))
+    diffs = {label: float((o - base).abs().max()) for label, o in outputs.items()}
+    rows = []
+    for r in range(args.rounds):
+        for mode in args.modes.split(","):
+            for python, impl in impls:
+                print(f"  round {r + 1}/{args.rounds} {mode:<5} {_label(python, impl)}", flush=True)
+                res = run_worker(python, impl, mode, args, round=r)
+                if res:
+                    res["label"] = _label(python, impl)
+                    rows.append(res)
+    report(rows, flops, peak, args, diffs)
+    if args.json:
+        raw = {"rows": rows, "flops_per_clip": flops, "gemm_peak": peak, "max_abs_logit_diff": diffs}
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+
+
+def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace, diffs: dict) -> None:
+    clip = f"{args.batch}x3x{args.frames}x{args.img}x{args.img}"
+    print(
+        f"\n{MODEL} vs torchvision swin3d_t, clip {clip}, {args.threads} threads, median of {args.iters} after "
+        f"{args.warmup} warm-up, {args.rounds} interleaved rounds; {flops / 1e9:.1f} GFLOP/clip forward"
+    )
+    print("| round | impl | torch | mode | clips/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB | busy* |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        work = flops * args.batch * (3 if r["mode"] == "train" else 1)
+        gflops = work / r["median_s"] / 1e9
+        print(
+            f"| {r['round'] + 1} | {r['label']} | {r['torch']} | {r['mode']} | {r['clips_per_s']:.3f} | "
+            f"{r['median_s'] * 1e3:.0f} | {gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | "
+            f"{100 * r['busy_others']:.0f}% |"
+        )
+    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer)")
+    for mode in ("infer", "train"):
+        for label in sorted({r["label"] for r in rows if r["impl"] == "swinlab"}):
+            speed, memory = [], []
+            for rnd in range(args.rounds):
+                ours = [r for r in rows if r["mode"] == mode and r["label"] == label and r["round"] == rnd]
+                peer = [r for r in rows if r["mode"] == mode and r["impl"] == "torchvision" and r["round"] == rnd]
+                if ours and peer:
+                    speed.append(ours[0]["clips_per_s"] / peer[0]["clips_per_s"])
+                    memory.append(ours[0]["peak_rss_mib"] / peer[0]["peak_rss_mib"])
+            if speed:
+                print(
+                    f"{mode}: {label} / torchvision: clips/s ratio per round {', '.join(f'{s:.2f}' for s in speed)} "
+                    f"(median {statistics.median(speed):.2f}x); peak RSS ratio median {statistics.median(memory):.2f}x"
+                )
+    print("max |logits - first row's logits| on the shared weights:", {k: f"{v:.2e}" for k, v in diffs.items()})
+
+
+if __name__ == "__main__":
+    main()
