@@ -171,7 +171,7 @@ def o3_problem(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, list[tu
     return model, optimizer, batches
 
 
-def o3_train(opt_level: str, rank: int = 0, world: int = 1) -> dict:
+def o3_session(opt_level: str, rank: int = 0, world: int = 1) -> tuple[dict, nn.Module, torch.optim.Optimizer]:
     """Train :func:`o3_problem` at ``opt_level``; rank ``r`` of ``world`` takes its slice of each global batch."""
     from swinlab.fp8 import initialize, memory_report
 
@@ -188,15 +188,34 @@ def o3_train(opt_level: str, rank: int = 0, world: int = 1) -> dict:
         report = memory_report(model, optimizer)  # after the step, gradients still alive
         optimizer.zero_grad()
         losses.append(float(fp32_mean(loss) if world > 1 else loss.detach()))
-    return {"losses": losses, "state_dict": model.state_dict(), "memory": report, "model": repr(model)}
+    result = {"losses": losses, "state_dict": model.state_dict(), "memory": report, "model": repr(model)}
+    return result, model, optimizer
+
+
+def o3_train(opt_level: str) -> dict:
+    return o3_session(opt_level)[0]
 
 
 def o3_run() -> dict:
-    """O3 on every rank; rank 0 also collects each rank's FP8-linear bytes/param."""
-    result = o3_train("O3", dist.get_rank(), dist.get_world_size())
-    per_rank = [None] * dist.get_world_size()
+    """O3 on every rank; rank 0 also collects each rank's FP8-linear bytes/param. Then an Inf on rank 1 only."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result, model, optimizer = o3_session("O3", rank, world)
+    per_rank = [None] * world
     dist.all_gather_object(per_rank, result["memory"]["fp8_linears"].per_param())
-    return {**result, "per_rank_bytes": per_rank}
+
+    before = model.state_dict()
+    x = torch.randn(8, 64)
+    if rank == 1:
+        x[0, 0] = float("inf")
+    nn.functional.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    norm = optimizer.clip_grad_norm_(1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    after = model.state_dict()
+    skipped = [None] * world
+    dist.all_gather_object(skipped, (optimizer.skipped_steps, bool(torch.isfinite(norm))))
+    unchanged = all(torch.equal(before[k], after[k]) for k in before if "_meta." not in k)
+    return {**result, "per_rank_bytes": per_rank, "inf_step": {"skipped_norm_finite": skipped, "unchanged": unchanged}}
 
 
 def main(mode: str, out_path: str, *args: str) -> None:

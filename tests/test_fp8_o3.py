@@ -40,6 +40,8 @@ def test_o3_on_two_ranks_matches_o2_in_one_process_at_half_the_memory(tmp_path):
     o2 = o3_train("O2")
     # Per rank: (2 master + 1 grad + 1 m1 + 2 m2) / 2 ranks + per-tensor scales; O2 keeps all 6 on one process.
     assert all(b <= 3.05 for b in o3["per_rank_bytes"]), o3["per_rank_bytes"]
+    # An Inf on rank 1 only: every rank sees a non-finite norm and skips the step; no weight changes.
+    assert o3["inf_step"] == {"skipped_norm_finite": [(1, False), (1, False)], "unchanged": True}
     assert o2["memory"]["fp8_linears"].per_param() == pytest.approx(6.0, abs=0.05)
     # Same global batches: the losses follow each other (FP8 roundings differ: one reduce-scatter rounding of the
     # shared-scale gradient instead of a local E4M3 cast, per-shard master scales), the weights stay close.

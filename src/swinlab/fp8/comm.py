@@ -274,7 +274,8 @@ def all_reduce_fp8_grads_(params: Sequence[nn.Parameter], state: FP8CommState) -
 
 @torch.no_grad()
 def sync_amax_histories_(metas: Sequence[ScalingMeta], group: dist.ProcessGroup | None = None) -> None:
-    """MAX-reduce the amax histories of ``metas`` over the ranks (one collective) and refresh their scales.
+    """MAX-reduce the amax histories of ``metas`` over the ranks (MIN for their step counters; one collective) and
+    refresh their scales.
 
     Each rank records the amaxes of its own activations and output gradients, so delayed scales drift apart;
     reduced after every synchronising backward (as TransformerEngine reduces amaxes over its FP8 group), every rank
@@ -282,12 +283,16 @@ def sync_amax_histories_(metas: Sequence[ScalingMeta], group: dist.ProcessGroup 
     """
     if not metas:
         return
-    flat = torch.cat([m.amax_history for m in metas])
+    # One MAX collective for both: histories as they are, step counters negated (a MIN, so a history that one rank
+    # wiped after a non-finite amax restarts its warm-up everywhere).
+    steps = torch.stack([m.steps for m in metas]).float()
+    flat = torch.cat([*(m.amax_history for m in metas), -steps])
     dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
     offset = 0
-    for meta in metas:
+    for i, meta in enumerate(metas):
         n = meta.amax_history.numel()
         meta.amax_history.copy_(flat[offset:offset + n])
+        meta.steps.copy_(-flat[len(flat) - len(metas) + i])
         meta.scale.copy_(compute_scale(meta.amax_history.max(), meta.fmt, meta.margin, meta.scale))
         offset += n
 
