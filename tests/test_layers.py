@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from swinlab.layers import (
     LOGIT_SCALE_MAX,
@@ -153,6 +154,18 @@ def test_drop_path():
     assert set(out[:, 0].unique().tolist()) <= {0.0, 2.0} and (out[:, 0] == 0).any()
     with pytest.raises(ValueError, match="drop path"):
         DropPath(1.0)
+
+
+def test_drop_path_in_place_matches_and_backpropagates():
+    norm = nn.LayerNorm(3)
+    x = torch.randn(64, 5, 3, requires_grad=True)
+    results = []
+    for inplace in (False, True):
+        torch.manual_seed(1)
+        out = DropPath(0.5, inplace=inplace).train()(norm(x))
+        results.append((out, *torch.autograd.grad(out.square().sum(), [x, norm.weight])))
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
 def _reference_v2(attn, x, geom):

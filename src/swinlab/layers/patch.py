@@ -54,8 +54,11 @@ def merge_2x2(x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-3:-1]
     if h % 2 or w % 2:
         x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-    parts = [x[..., r::2, c::2, :] for c in (0, 1) for r in (0, 1)]
-    return torch.cat(parts, dim=-1)
+    *lead, h, w, c = x.shape
+    # (..., H/2, r, W/2, c, C) -> (..., H/2, W/2, c, r, C): one copy; its backward is one copy too, where
+    # concatenating four strided slices would zero-fill a full-size gradient per slice
+    x = x.reshape(*lead, h // 2, 2, w // 2, 2, c).movedim(-4, -2)
+    return x.reshape(*lead, h // 2, w // 2, 4 * c)
 
 
 class PatchMergingV2(nn.Module):

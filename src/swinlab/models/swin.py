@@ -84,7 +84,8 @@ class _SwinBlock(nn.Module):
         self.window_size, self.shift_size = tuple(window_size), tuple(shift_size)
         self.norm1 = norm_layer(dim)
         self.attn = attn
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # in place: it only ever sees a fresh branch output (a norm, the attention or the MLP)
+        self.drop_path = DropPath(drop_path, inplace=True) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
