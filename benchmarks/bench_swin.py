@@ -16,9 +16,15 @@ Protocol: eval()+inference_mode forward ("infer") and train()+forward+cross-entr
 (from /proc/stat) — rows with busy above a few percent were disturbed.
 
 ``--compile`` adds a ``torch.compile`` (default inductor) variant of *every* implementation, so compiled ratios
-compare compiled with compiled; compilation happens in the warm-up. ``--optimizer`` picks the AdamW of the training
-step (``plain``: torch's default for all, the default; ``fused``: ``fused=True`` for all; ``engine``: swinlab's own
-``build_optimizer`` for swinlab rows, torch's default for the peers). ``--impls`` / ``--no-local`` / ``--modes``
+compare compiled with compiled; ``--freeze`` adds inference rows compiled with inductor's ``freezing`` (weights as
+constants: prepacked oneDNN linears with fused bias/GELU, the position-bias MLP folded away), again for every
+implementation. Compilation happens in the first warm-up step, reported as "first step s". "page faults/step" counts
+minor faults (first touches of freshly mapped memory; large tensors are mmapped and unmapped by malloc on every
+allocation), a cost that is high in this VM and that the eager rows differ in.
+
+``--optimizer`` picks the AdamW of the training step (``plain``: torch's default for all, the default; ``fused``:
+``fused=True`` for all; ``engine``: swinlab's own ``build_optimizer`` for swinlab rows, torch's default for the
+peers). ``--impls`` / ``--no-local`` / ``--modes``
 restrict the rows.
 """
 
@@ -26,28 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import available, gemm_peak, make_optimizer, measure_steps, run_json
+
 MODEL = "swinv2_tiny_window8_256"
-
-
-def _proc_stat() -> tuple[float, float]:
-    """(total jiffies, idle jiffies) of the whole machine."""
-    with open("/proc/stat") as f:
-        fields = [float(v) for v in f.readline().split()[1:]]
-    return sum(fields), fields[3] + fields[4]
-
-
-def _own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def build(impl: str, weights: str | None):
@@ -56,7 +49,11 @@ def build(impl: str, weights: str | None):
 
     name, _, variant = impl.partition("+")
     model = _build_eager(name, weights)
-    return torch.compile(model) if variant == "compile" else model
+    if variant == "compile":
+        return torch.compile(model)
+    if variant == "freeze":  # inference only: weights become constants, linears prepacked, biases/GELU fused
+        return torch.compile(model, options={"freezing": True})
+    return model
 
 
 def _build_eager(impl: str, weights: str | None):
@@ -162,58 +159,15 @@ def worker(args: argparse.Namespace) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    total0, idle0 = _proc_stat()
-    cpu0 = _own_cpu()
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    total1, idle1 = _proc_stat()
-    ticks = os.sysconf("SC_CLK_TCK")
-    machine_busy = (total1 - total0) - (idle1 - idle0)
-    others = max(0.0, machine_busy / ticks - (_own_cpu() - cpu0)) * ticks
-    result.update(
-        median_s=statistics.median(times),
-        times=times,
-        imgs_per_s=args.batch / statistics.median(times),
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        busy_others=others / max(total1 - total0, 1),
-    )
-    print(json.dumps(result))
-
-
-def make_optimizer(model, impl: str, kind: str):
-    """AdamW for the training step: ``plain`` = torch's default AdamW for every implementation (on CPU its
-    per-parameter loop), ``fused`` = ``AdamW(fused=True)`` for every implementation, ``engine`` = swinlab rows
-    use the toolkit's own ``build_optimizer`` (weight-decay groups, fused kernel), peers torch's default."""
-    import torch
-
-    if kind == "engine" and impl.startswith("swinlab"):
-        from swinlab.config import OptimConfig
-        from swinlab.engine.optim import build_optimizer
-
-        return build_optimizer(model, OptimConfig(lr=1e-4))
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if kind == "fused" else None)
-
-
-def gemm_peak(threads: int, n: int = 2048, iters: int = 10) -> float:
-    """fp32 GEMM GFLOP/s on this machine with ``threads`` threads (best of ``iters``)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(iters))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    step()  # for compiled variants this call compiles
+    first_step = time.perf_counter() - t0
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    timing = measure_steps(step, args.warmup - 1, args.iters)
+    # Minor page faults: every first touch of freshly mapped memory; expensive in this VM (see RESULTS.md).
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (args.warmup - 1 + args.iters)
+    result.update(timing, imgs_per_s=args.batch / timing["median_s"], first_step_s=first_step, page_faults=faults)
+    print(json.dumps(result))
 
 
 def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
@@ -242,18 +196,7 @@ def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **ex
     ]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        print(f"  {impl}/{mode} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {}
-
-
-def available(python: str, impl: str) -> bool:
-    module = impl.partition("+")[0]
-    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+    return run_json(cmd, args.threads, f"{impl}/{mode}")
 
 
 def main() -> None:
@@ -266,6 +209,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
         "--compile", action="store_true", help="also measure torch.compile'd variants of every implementation"
+    )
+    parser.add_argument(
+        "--freeze",
+        action="store_true",
+        help="also measure torch.compile(options={'freezing': True}) variants of every implementation (infer only)",
     )
     parser.add_argument("--impls", default="swinlab,timm,torchvision", help="comma-separated subset to run")
     parser.add_argument(
@@ -303,7 +251,7 @@ def main() -> None:
     torch.save(torch.randn(args.batch, 3, args.img, args.img), tmp / "input.pt")
 
     names = args.impls.split(",")
-    variants = ["", "+compile"] if args.compile else [""]
+    variants = [""] + ["+compile"] * args.compile + ["+freeze"] * args.freeze
     impls = []
     if "swinlab" in names and not args.no_local:
         impls += [(sys.executable, "swinlab" + v) for v in variants]
@@ -327,6 +275,8 @@ def main() -> None:
         if flops is None:
             flops = run_worker(python, impl, "flops", args)["flops_per_sample"]
         for mode in args.modes.split(","):
+            if mode == "train" and impl.endswith("+freeze"):
+                continue
             print(f"  {impl:<16} {mode:<5} torch {python}", flush=True)
             res = run_worker(python, impl, mode, args)
             if res:
@@ -350,17 +300,21 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
         f"\n{MODEL}, batch {args.batch}, {args.img}x{args.img}, {args.threads} threads, "
         f"median of {args.iters} after {args.warmup} warm-up; {flops / 1e9:.2f} GFLOP/sample forward"
     )
-    print("| impl | torch | mode | img/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB | busy* |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| impl | torch | mode | img/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB | page faults/step "
+        "| first step s | busy* |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         work = flops * args.batch * (3 if r["mode"] == "train" else 1)
         gflops = work / r["median_s"] / 1e9
         print(
             f"| {r['impl']} | {r['torch']} | {r['mode']} | {r['imgs_per_s']:.2f} | {r['median_s'] * 1e3:.0f} | "
-            f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | {100 * r['busy_others']:.0f}% |"
+            f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | {r['page_faults'] / 1e3:.0f}k | "
+            f"{r['first_step_s']:.1f} | {100 * r['busy_others']:.0f}% |"
         )
     print(f"training step optimizer: {args.optimizer} (see make_optimizer)")
-    for variant in ("", "+compile"):
+    for variant in ("", "+compile", "+freeze"):
         for mode in ("infer", "train"):
             ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant]
             peers = [r for r in rows if r["mode"] == mode and r["impl"] in ("timm" + variant, "torchvision" + variant)]
