@@ -89,6 +89,20 @@ def comm_checks() -> dict:
         "weight_rel": rel_l2(fp8_weight.fp8_grad.dequantize(), fp32_mean(alone[0].weight.fp8_grad.dequantize())),
         "head_err": float((model[2].weight.grad - fp32_mean(alone[2].weight.grad)).abs().max()),
     }
+
+    # FP8 weights whose gradient autograd holds ("dequantized"): they travel in FP8 inside DDP's buckets.
+    torch.manual_seed(0)
+    model = nn.Sequential(FP8Linear(64, 64, grad_mode="dequantized"), nn.ReLU(), nn.Linear(64, 16))
+    alone = copy.deepcopy(model)
+    ddp = data_parallel(model)
+    ddp(x).square().sum().backward()
+    alone(x).square().sum().backward()
+    out["in_bucket"] = {
+        "roles": sorted(ddp.fp8_comm.stats.by_role),
+        "elements": ddp.fp8_comm.stats.elements,
+        "weight_rel": rel_l2(model[0].weight.grad, fp32_mean(alone[0].weight.grad)),
+        "head_err": float((model[2].weight.grad - fp32_mean(alone[2].weight.grad)).abs().max()),
+    }
     return out
 
 

@@ -66,6 +66,11 @@ def test_edge_cases(comm_result):
     assert fp8_grad["is_fp8"] and fp8_grad["grad_none"]
     assert fp8_grad["weight_rel"] < 0.05
     assert fp8_grad["head_err"] == 0.0
+    in_bucket = comm_result["in_bucket"]  # "dequantized" FP8 weights travel in FP8 inside DDP's buckets
+    assert in_bucket["roles"] == ["all_gather", "amax", "high_precision"]
+    assert in_bucket["elements"] == 64 * 64 + 64 + 64 * 16 + 16  # the FP8 weight; its bias and the head in FP32
+    assert in_bucket["weight_rel"] < 0.05
+    assert in_bucket["head_err"] == 0.0
 
 
 def test_segment_values_repeats_per_segment_and_pads_with_one():

@@ -340,7 +340,8 @@ def data_parallel(
     at the end of every synchronising backward; FP8 weights with ordinary gradients (``"dequantized"``) travel in
     FP8 inside DDP's buckets; every other parameter (biases, norms, embeddings, heads) is all-reduced in its own
     precision, as MS-AMP does. The FP8 scaling histories are MAX-reduced after each synchronising backward, so all
-    ranks cast alike. ``ddp_kwargs`` go to ``DistributedDataParallel`` (e.g. ``device_ids``).
+    ranks cast alike. The hook's :class:`FP8CommState` is ``ddp.fp8_comm``. ``ddp_kwargs`` go to
+    ``DistributedDataParallel`` (e.g. ``device_ids``).
     """
     from swinlab.fp8.linear import FP8Linear
 
@@ -357,4 +358,5 @@ def data_parallel(
     state = FP8CommState(fmt=fmt, process_group=process_group, fp8_params=[p for _, p in in_buckets],
                          fp8_grad_params=[p for _, p in hidden], scaling_metas=metas)  # fmt: skip
     ddp.register_comm_hook(state, fp8_allreduce_hook)
+    ddp.fp8_comm = state  # its ``stats`` count the bytes this rank sends
     return ddp
