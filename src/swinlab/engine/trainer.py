@@ -82,7 +82,8 @@ def _data_unit(cfg: TrainConfig, data) -> str:
 
 
 def _describe(cfg: TrainConfig, model: nn.Module, data, env: DistEnv) -> str:
-    params = sum(p.numel() for p in model.parameters())
+    # An FP8 O3 shard (``param.fp8_shard``) stands for its whole weight.
+    params = sum(p.fp8_shard.numel if hasattr(p, "fp8_shard") else p.numel() for p in model.parameters())
     global_batch = cfg.data.batch_size * env.world_size * cfg.accum_steps
     return (
         f"model {cfg.model.name} ({params / 1e6:.2f} M params) | data {cfg.data.name}: "
