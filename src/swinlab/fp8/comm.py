@@ -307,8 +307,9 @@ def fp8_allreduce_hook(state: FP8CommState, bucket: dist.GradBucket) -> torch.fu
     """DDP communication hook: the bucket's gradients averaged over the ranks through FP8 (see module docstring).
 
     The collectives run when DDP calls the hook (as each bucket becomes ready during backward) and the returned
-    future is already complete. The first call of a backward pass also queues the all-reduce of
-    ``state.fp8_grad_params`` for the end of that pass. Register with
+    future is already complete: simple and the same on gloo and NCCL, but a bucket's exchange does not overlap the
+    rest of the backward pass as DDP's asynchronous default does. The first call of a backward pass also queues
+    the all-reduce of ``state.fp8_grad_params`` (and the amax-history sync) for the end of that pass. Register with
     ``ddp.register_comm_hook(FP8CommState(...), fp8_allreduce_hook)``.
     """
     if (state.fp8_grad_params or state.scaling_metas) and not state._queued:

@@ -16,7 +16,8 @@ the E4M3 first moment and the FP16 second moment. The remaining bytes of the iss
 Persistent per rank: (2 + 1 + 1 + 2) / N bytes per FP8-weight parameter, plus one fp32 scale per tensor. MS-AMP's
 O3 (ZeRO-1/2 with FP8 weights kept whole on every rank) stays at 2 + 5/N or 1 + 6/N.
 
-Why not FSDP2's ``fully_shard`` (which does run on gloo/CPU in torch 2.13): it shards a parameter as a DTensor of
+Why not FSDP2's ``fully_shard`` (which does run on gloo/CPU in torch 2.13: checked, DTensor dim-0 shards, AdamW
+steps): it shards a parameter as a DTensor of
 one dtype and reduces autograd gradients in ``reduce_dtype``; O3's master is an FP16 payload with a per-tensor
 scale and its gradient leaves the FP8 GEMM as E4M3 outside autograd, so FSDP2 would need tensor-subclass
 all-gather hooks plus a custom reduce-scatter and would still store the reduced gradient in ``reduce_dtype``.
