@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +18,17 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+WORKER = Path(__file__)
+
+
+def run_worker(mode: str, out: Path, *args: str, timeout: int = 300) -> dict:
+    """Run this file's MODE on 2 gloo ranks under torchrun (from a test); returns what rank 0 saved."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), mode, str(out), *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=False)
 
 
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:

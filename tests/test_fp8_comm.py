@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from _fp8_dist_worker import run_worker
 from swinlab.fp8.comm import FP8CommState, segment_values
-
-WORKER = Path(__file__).with_name("_fp8_dist_worker.py")
-
-
-def run_worker(mode: str, out: Path, *args: str, timeout: int = 300) -> dict:
-    """Run ``_fp8_dist_worker.py MODE`` on 2 gloo ranks under torchrun; returns what rank 0 saved."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), mode, str(out), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
 
 
 @pytest.fixture(scope="module")

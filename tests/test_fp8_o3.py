@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from _fp8_dist_worker import o3_train, rel_l2
+from _fp8_dist_worker import o3_train, rel_l2, run_worker
 from swinlab.fp8 import initialize
 from swinlab.fp8.shard import ShardSpec
-from test_fp8_comm import run_worker
 
 
 def test_o3_without_a_process_group_says_run_under_torchrun():
