@@ -91,7 +91,8 @@ def mechanism(args: argparse.Namespace) -> dict:
                 model=ModelConfig(name=f"centre_net_{conv}_7x7"), epochs=args.epochs, label_smoothing=0.0,
                 optim=OptimConfig(name=args.optim, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=0.5,
                                   lr_mult={"log_sigma": mult} if conv == "gmconv" else {}),
-                output_dir=str(RUNS / f"mech_{task}_{conv}_x{mult:g}"), resume=False, threads=1, log_every=50,
+                output_dir=str(RUNS / f"mech_{args.optim}_{task}_{conv}_x{mult:g}"), resume=False, threads=1,
+                log_every=50,
             )  # fmt: skip
             loader = DataLoader(train_sets[task], batch_size=64, shuffle=True,
                                 generator=torch.Generator().manual_seed(0), drop_last=True)  # fmt: skip
@@ -114,9 +115,10 @@ def mechanism(args: argparse.Namespace) -> dict:
     FIGURES.mkdir(parents=True, exist_ok=True)
     for mult in args.lr_mult:
         keep = ["GMConv at init", *(k for k in erfs if k.endswith(f"x{mult:g}")), "local, plain", "wide, plain"]
-        save_erf_figure({k: erfs[k] for k in keep}, FIGURES / f"gmconv_mechanism_erf_x{mult:g}.png",
-                        title=f"ERF of the last 7x7 layer's centre unit (noise probe); sigma lr x{mult:g}")  # fmt: skip
-    save_sigma_plot({k: v for k, v in sigmas.items() if v}, FIGURES / "gmconv_mechanism_sigma.png")
+        save_erf_figure({k: erfs[k] for k in keep}, FIGURES / f"gmconv_mechanism_{args.optim}_erf_x{mult:g}.png",
+                        title=f"ERF of the last 7x7 layer's centre unit (noise probe); {args.optim}, "
+                        f"sigma lr x{mult:g}")  # fmt: skip
+    save_sigma_plot({k: v for k, v in sigmas.items() if v}, FIGURES / f"gmconv_mechanism_{args.optim}_sigma.png")
     return results
 
 

@@ -103,6 +103,19 @@ def test_erf_report_of_two_models_on_the_same_images(tmp_path):
     assert "resnet18_gmconv" in report.format() and "(no GMConv layers)" in report.format()
 
 
+def test_model_name_source_loads_pretrained_weights(tmp_path):
+    import swinlab
+    from swinlab.metrics.erf import load_source
+
+    model = swinlab.create_model("resnet18_gmconv")
+    with torch.no_grad():
+        model.conv1.log_sigma.fill_(0.0)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    source = load_source("resnet18_gmconv", img_size=40, pretrained=str(tmp_path / "weights.pth"))
+    assert sigma_table(source.model)[0].values.eq(1.0).all() and not source.model.training
+    assert (source.data.name, source.data.img_size, source.data.in_chans) == ("fashion_mnist_embedded", 40, 3)
+
+
 def test_erf_command_errors_are_one_line(tmp_path, capsys):
     assert main(["erf", "resnet18", "--img-size", "32", "--layer", "layer9", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

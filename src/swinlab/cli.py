@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or standard-normal noise")  # fmt: skip
     p.add_argument("--batch", type=int, default=32, help="images averaged over")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the run's or the model's)")
-    p.add_argument("--pretrained", default=None, help="weights for a model name (checkpoint path)")
+    p.add_argument("--pretrained", default=None, help="weights (checkpoint path) for SOURCE when it is a model name")
     p.add_argument("--out", default=None, help="output folder (default: the run folder, or ./erf for a model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise inputs")
     p.set_defaults(func=_cmd_erf)

@@ -318,11 +318,13 @@ def erf_report(
     or model name; the first is the one being studied, the others are compared with it on their own images,
     which are the same ones when the data config is) and write ``erf_<layer>.png`` and ``sigma.png``.
 
-    ``out_dir`` defaults to the first source's run folder, or ``erf/`` for a model name.
+    ``pretrained`` (a checkpoint path) loads into the first source when it is a model name; ``out_dir``
+    defaults to the first source's run folder, or ``erf/`` for a model name.
     """
     if not sources:
         raise ValueError("give at least one run folder, checkpoint or model name")
-    loaded = [load_source(s, img_size=img_size, pretrained=pretrained) for s in sources]
+    loaded = [load_source(s, img_size=img_size, pretrained=pretrained if i == 0 else None)
+              for i, s in enumerate(sources)]  # fmt: skip
     if layer is None:
         convs = _conv_names(loaded[0].model)
         if not convs:
