@@ -99,12 +99,11 @@ def windowed_sdpa(
     heads merged, ``(B, nW, N, h * d)``, ready for the output projection.
 
     Without a gradient for the bias (inference, frozen bias) the fused CPU/CUDA kernels run on 4D views of
-    the inputs (5D inputs or 2-3D masks fall back to the unfused path, ~3x slower on CPU): a shared bias
-    folds windows into the batch, a per-window bias runs one call per image with windows as the batch, so
-    neither needs the inputs copied into another layout. A bias that needs a gradient (training: the CPB
-    MLP or the bias table learns) rules the fused CPU kernel out, and SDPA's unfused fallback adds several
-    masking passes over the logits, so the plain formula is used instead (~1.5x faster forward + backward on
-    CPU).
+    the inputs with windows folded into the batch (5D inputs or 2-3D masks fall back to the unfused path,
+    ~3x slower on CPU), so the inputs are never copied into another layout. A bias that needs a gradient
+    (training: the CPB MLP or the bias table learns) rules the fused CPU kernel out, and SDPA's unfused
+    fallback adds several masking passes over the logits, so the plain formula is used instead (~1.5x faster
+    forward + backward on CPU).
     """
     b, nw, h, n, d = q.shape
     if _bias_needs_grad(bias):
@@ -113,17 +112,13 @@ def windowed_sdpa(
         attn = torch.softmax(logits, dim=-1)
         out = F.dropout(attn, dropout_p) @ v
         return out.transpose(2, 3).reshape(b, nw, n, h * d)
-    mask = bias.to(q.dtype)
-    if bias.dim() == 3:
-        out = F.scaled_dot_product_attention(
-            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask[None], dropout_p, scale=1.0
-        )
-        return out.view(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, h * d)
-    outs = [
-        F.scaled_dot_product_attention(qi, ki, vi, mask, dropout_p, scale=1.0).transpose(1, 2)
-        for qi, ki, vi in zip(q, k, v, strict=True)
-    ]
-    return torch.stack(outs).view(b, nw, n, h * d)
+    # A per-window bias is repeated for every image (the kernel broadcasts size-1 dims only): B copies of
+    # (nW, h, N, N) cost less than moving q, k, v into a layout where windows fold into heads.
+    mask = bias[None] if bias.dim() == 3 else bias.expand(b, *bias.shape).flatten(0, 1)
+    out = F.scaled_dot_product_attention(
+        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask.to(q.dtype), dropout_p, scale=1.0
+    )
+    return out.view(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, h * d)
 
 
 class _WindowAttention(nn.Module):
