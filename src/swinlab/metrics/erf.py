@@ -210,10 +210,18 @@ def save_sigma_plot(tables: Mapping[str, Sequence[SigmaRow]], path: str | Path) 
         ax.boxplot(ratios, positions=pos, widths=width * 0.85, patch_artist=True, showfliers=False,
                    boxprops={"facecolor": colour, "alpha": 0.5}, medianprops={"color": colour})  # fmt: skip
         ax.plot([], [], color=colour, lw=6, alpha=0.5, label=label)
+    all_ratios = torch.cat([row.values / max(row.init) for rows in tables.values() for row in rows])
+    log_scale = float(all_ratios.max() / all_ratios.min()) > 4  # wide ranges: halving and doubling look alike
+    if log_scale:
+        ticker = plt.matplotlib.ticker
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
     ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
-    ax.set_ylabel("learned sigma / initial sigma")
+    ax.set_ylabel("learned sigma / initial sigma" + (" (log scale)" if log_scale else ""))
     ax.set_title("GMConv sigma per layer (box: channels' quartiles, whiskers: 1.5 IQR)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     path = Path(path)
     fig.savefig(path, dpi=120)
