@@ -221,6 +221,26 @@ def test_torch_compile_matches_eager():
             torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_torch_compile_training_matches_eager():
+    """Forward and backward traced by dynamo + AOTAutograd (the cosine q/k autograd Function included, no graph
+    break besides the table-building prefix); inductor code generation is covered by the inference test."""
+    torch._dynamo.reset()
+    model = tiny(drop_path_rate=0.0)
+    for block in (b for layer in model.layers for b in layer.blocks):
+        torch.nn.init.ones_(block.norm1.weight)  # zero-initialised post-norms would hide the attention branch
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.utils.counters.clear()
+    torch.compile(model, backend="aot_eager")(x).square().sum().backward()
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("_build_window_tables" in reason for reason in breaks), list(breaks)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_eval_bias_cache_never_outlives_training_steps():
     """Fused AdamW does not bump parameter version counters; the cached attention bias must still be rebuilt."""
     model = create_model("swinv2_nano_window4_32", num_classes=3, in_chans=1)

@@ -72,7 +72,7 @@ class _CosineQKV(torch.autograd.Function):
         for i, g in enumerate((dq.transpose(2, 3), dk.transpose(2, 3))):
             yi, mi, out = y[..., i, :, :], mult[..., i, :, :], grad[..., i, :, :]
             dot = (g * yi).sum(-1, keepdim=True)
-            torch.mul(g, mi, out=out)
+            out.copy_(g).mul_(mi)  # in place on the strided slice (dynamo does not trace a strided out=)
             out.addcmul_(yi, dot * mi / factor[i].square() * unclamped[..., i, :, :], value=-1)
             dots.append(dot)
         dscale = (dots[0] / factor[0]).sum((0, 1, 2)) if ctx.needs_input_grad[1] else None
