@@ -199,7 +199,7 @@ def save_sigma_plot(tables: Mapping[str, Sequence[SigmaRow]], path: str | Path) 
     plt = _pyplot()
     layers = list(dict.fromkeys(row.layer for rows in tables.values() for row in rows))
     width = 0.8 / len(tables)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers)), 4), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(layers)) + 2.5, 4), layout="constrained")  # + legend
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     ax.axhline(1.0, color="black", lw=0.8, ls="--", label="initial sigma")
     for i, (label, rows) in enumerate(tables.items()):
