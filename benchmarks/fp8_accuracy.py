@@ -21,8 +21,8 @@ Two data settings (``--data``):
 - ``successor``: the sensitive fixture of the toy study this reproduces (fp8.md section 4.6, "task C") written as a
   text file: letters where each is the successor of the previous one with probability 0.9 and a uniformly random
   letter otherwise (entropy floor ~0.63 nats/byte), 120 steps of 32-byte windows at a constant lr of 5e-4, the
-  size an Adam step has late in a cosine schedule: below half the E4M3 spacing of typical weights (~7% of their
-  magnitude), so an E4M3 master loses the updates that an FP16 master keeps.
+  size an Adam step has late in a cosine schedule: adjacent E4M3 values are 6-12 % apart, so for a weight of the
+  typical size 0.02 such a step is below half the spacing and an E4M3 master loses it, where FP16 keeps it.
 
     python benchmarks/fp8_accuracy.py                  # stdlib: fp32/O1/O2 on seeds 0 1 2, controls on seed 0
     python benchmarks/fp8_accuracy.py --data successor --control-seeds 0 1 2 --png benchmarks/fp8_accuracy_successor.png
