@@ -55,7 +55,7 @@ class DataConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     train_limit: int | None = None
-    """Use only the first N training samples (quick experiments)."""
+    """Use only the first N training samples (quick experiments); text data: at most N windows per epoch."""
     val_limit: int | None = None
     # -- video datasets (``video``: annotation lists, ``motion_demo``: generated); img_size is the crop size --
     train_list: str | None = None
