@@ -211,7 +211,7 @@ def save_sigma_plot(tables: Mapping[str, Sequence[SigmaRow]], path: str | Path) 
                    boxprops={"facecolor": colour, "alpha": 0.5}, medianprops={"color": colour})  # fmt: skip
         ax.plot([], [], color=colour, lw=6, alpha=0.5, label=label)
     all_ratios = torch.cat([row.values / max(row.init) for rows in tables.values() for row in rows])
-    log_scale = float(all_ratios.max() / all_ratios.min()) > 4  # wide ranges: halving and doubling look alike
+    log_scale = float(all_ratios.max() / all_ratios.min()) > 10  # wide ranges: halving and doubling look alike
     if log_scale:
         ticker = plt.matplotlib.ticker
         ax.set_yscale("log")
