@@ -8,6 +8,7 @@ Distributed runs use torchrun, e.g. ``torchrun --nproc_per_node 2 -m swinlab tra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -126,7 +127,12 @@ def _cmd_erf(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: dict) -> None:
-    """The headline numbers of a run or an evaluation on one line each (everything is in metrics.csv)."""
+    """The headline numbers of a run or an evaluation on one line each (everything is in metrics.csv).
+
+    Under torchrun only rank 0 prints them: every rank holds the same all-reduced metrics.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return
     if "val_top1" in result:
         top5 = f", top-5 {result['val_top5']:.2f}%" if "val_top5" in result else ""
         print(f"validation top-1 {result['val_top1']:.2f}%{top5}, loss {result.get('val_loss', float('nan')):.4f}")
@@ -175,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="params, FLOPs and activation memory of a model")
     p.add_argument("model")
     p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's own)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--batch", type=int, default=2,
+        help="batch of the measured forward (per-sample numbers are printed; >= 2 lets BatchNorm models train)",
+    )
     p.add_argument("--frames", type=int, default=None, help="clip length for video models (default: the model's)")
     p.set_defaults(func=_cmd_info)
 
@@ -212,8 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except (ConfigError, ValueError, TypeError, FileNotFoundError) as e:
         # User errors get one clear line, not a stack trace; SWINLAB_DEBUG=1 shows the trace.
-        import os
-
         if os.environ.get("SWINLAB_DEBUG"):
             raise
         print(f"swinlab: error: {e}  (SWINLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
