@@ -12,7 +12,9 @@ Protocol (as ``bench_swin.py``, helpers in ``_common.py``): every (implementatio
 "infer" = eval() + inference_mode forward, "train" = train() + forward + cross entropy + backward + AdamW step;
 ``--warmup`` untimed and ``--iters`` timed steps, median. The machine is shared, so the whole set of rows is repeated
 ``--rounds`` times with the implementations interleaved inside each round, and the ratios are taken per round (rows
-measured minutes apart on a busy machine are not comparable). Default clip 1x3x8x224x224: 224 px keeps every
+measured minutes apart on a busy machine are not comparable); ``--alternate`` adds a run of both in one peer
+process, alternating single steps, whose per-pair ratios are the most robust to a machine whose load changes by the
+second. Default clip 1x3x8x224x224: 224 px keeps every
 stage's spatial grid at least one 7x7 window, so both implementations compute the same function (the official
 relative-position slicing that torchvision copies is wrong only when a spatial axis is clamped); 8 frames (4 temporal
 tokens, the temporal window clamped from 8 to 4) halves the cost of the paper's 16-32 frames. FLOPs from
@@ -125,6 +127,46 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def alternate(args: argparse.Namespace) -> None:
+    """Both implementations in one process (the peer interpreter), one step of each in turn: a busy machine
+    changes speed from one second to the next, so steps taken side by side are the comparable ones. Prints the
+    per-pair clips/s ratios swinlab / torchvision (no per-implementation peak memory in this mode)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
+    y = torch.randint(0, 400, (args.batch,))
+    models = {impl: build(impl, args.weights) for impl in ("swinlab", "torchvision")}
+    steps = {}
+    for impl, model in models.items():
+        if args.mode == "infer":
+            model.eval()
+
+            def step(model=model):
+                with torch.inference_mode():
+                    model(x)
+        else:
+            model.train()
+            optimizer = make_optimizer(model, impl, args.optimizer)
+
+            def step(model=model, optimizer=optimizer):
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        steps[impl] = step
+    times = {impl: [] for impl in steps}
+    for i in range(args.warmup + args.iters):
+        for impl in (("swinlab", "torchvision") if i % 2 == 0 else ("torchvision", "swinlab")):
+            seconds = measure_steps(steps[impl], 0, 1)["median_s"]
+            if i >= args.warmup:
+                times[impl].append(seconds)
+    ratios = [t / s for s, t in zip(times["swinlab"], times["torchvision"], strict=True)]
+    print(json.dumps({"mode": args.mode, "torch": torch.__version__, "times": times, "ratios": ratios}))
+
+
 def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
     cmd = [python, __file__, "--worker", "--impl", impl, "--mode", mode, "--weights", args.weights]
     for key in ("threads", "batch", "frames", "img", "iters", "warmup", "optimizer"):
@@ -152,6 +194,9 @@ def main() -> None:
     parser.add_argument("--no-local", action="store_true", help="skip swinlab on this interpreter")
     parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
     parser.add_argument("--json", default=None, help="write all raw results here")
+    parser.add_argument(
+        "--alternate", action="store_true", help="also run both in one peer process, alternating steps (see alternate)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -161,7 +206,7 @@ def main() -> None:
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        (alternate if args.impl == "alternate" else worker)(args)
         return
 
     import torch
@@ -207,7 +252,15 @@ def main() -> None:
                 if res:
                     res["label"] = _label(python, impl)
                     rows.append(res)
-    report(rows, flops, peak, args, diffs)
+    if args.alternate and args.peer_python:
+        for mode in args.modes.split(","):
+            res = run_worker(args.peer_python, "alternate", mode, args)
+            if res:
+                rows.append(res)
+                ratios = ", ".join(f"{r:.2f}" for r in res["ratios"])
+                print(f"{mode}, alternating steps in one process (torch {res['torch']}): swinlab / torchvision "
+                      f"clips/s per step pair {ratios} (median {statistics.median(res['ratios']):.2f}x)")  # fmt: skip
+    report([r for r in rows if "impl" in r], flops, peak, args, diffs)
     if args.json:
         raw = {"rows": rows, "flops_per_clip": flops, "gemm_peak": peak, "max_abs_logit_diff": diffs}
         Path(args.json).write_text(json.dumps(raw, indent=1))
