@@ -4,9 +4,9 @@ Public surface:
 
 - running: :func:`train` (from a config), :func:`evaluate` (a run folder or checkpoint),
   :func:`fit` (any model, task, optimizer and loaders), :func:`run_evaluation`
-- tasks: :class:`Task` (protocol), :class:`ClassificationTask`
-- parts: :func:`build_optimizer`, :func:`param_groups`, :class:`LRSchedule`, :func:`build_schedule`,
-  :mod:`~swinlab.engine.precision` (``wrap``), :func:`save_checkpoint`, :func:`load_checkpoint`,
+- tasks: :class:`Task` (protocol), :class:`ClassificationTask`, :class:`LanguageModelingTask`
+- parts: :func:`build_model`, :func:`build_optimizer`, :func:`param_groups`, :class:`LRSchedule`,
+  :func:`build_schedule`, :mod:`~swinlab.engine.precision` (``wrap``), :func:`save_checkpoint`, :func:`load_checkpoint`,
   :class:`CheckpointError`, :class:`DistEnv`, :func:`init_distributed`
 """
 
@@ -16,8 +16,8 @@ from swinlab.engine.distributed import DistEnv, init_distributed
 from swinlab.engine.loop import fit, run_evaluation
 from swinlab.engine.optim import build_optimizer, param_groups
 from swinlab.engine.schedule import LRSchedule, build_schedule
-from swinlab.engine.tasks import ClassificationTask, Task
-from swinlab.engine.trainer import evaluate, train
+from swinlab.engine.tasks import ClassificationTask, LanguageModelingTask, Task
+from swinlab.engine.trainer import build_model, evaluate, train
 
 __all__ = [  # noqa: RUF022 - grouped by purpose, as the module docstring
     # running
@@ -27,11 +27,13 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the module docstring
     "train",
     # tasks
     "ClassificationTask",
+    "LanguageModelingTask",
     "Task",
     # parts
     "CheckpointError",
     "DistEnv",
     "LRSchedule",
+    "build_model",
     "build_optimizer",
     "build_schedule",
     "init_distributed",

@@ -42,7 +42,9 @@ def _num_classes(cfg: TrainConfig, data) -> int:
     return cfg.model.num_classes or data.num_classes
 
 
-def _build_model(cfg: TrainConfig, data, device: torch.device, *, pretrained: str | None) -> nn.Module:
+def build_model(cfg: TrainConfig, data, device: torch.device, *, pretrained: str | None) -> nn.Module:
+    """The model of recipe ``cfg`` for the data bundle ``data`` (head size, channels, input size from the data),
+    exactly as :func:`train` builds it; tools that rebuild a run's model (``swinlab erf``) use it too."""
     import swinlab
 
     data_kwargs = dict(data.model_kwargs)
@@ -103,7 +105,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         data = _build_data(cfg, env)
         torch.manual_seed(cfg.seed)  # the initial weights are part of the recipe (and equal on every rank)
-        model = _build_model(cfg, data, env.device, pretrained=cfg.model.pretrained)
+        model = build_model(cfg, data, env.device, pretrained=cfg.model.pretrained)
         optimizer = build_optimizer(model, cfg.optim)
         model, optimizer, autocast = precision.wrap(model, optimizer, cfg.precision)
         if env.is_main:
@@ -136,7 +138,7 @@ def evaluate(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> di
     env = init_distributed(cfg.device)
     try:
         data = _build_data(cfg, env)
-        model = _build_model(cfg, data, env.device, pretrained=None)
+        model = build_model(cfg, data, env.device, pretrained=None)
         # Wrap first: a precision (e.g. FP8) may add state of its own that the checkpoint holds.
         model, _, autocast = precision.wrap(model, None, cfg.precision)
         model.load_state_dict(ckpt["model"])

@@ -251,14 +251,14 @@ def load_source(source: str, img_size: int | None = None, pretrained: str | None
     if path.exists():
         from swinlab import data
         from swinlab.engine.checkpoint import load_checkpoint
-        from swinlab.engine.trainer import _build_model, config_from_checkpoint
+        from swinlab.engine.trainer import build_model, config_from_checkpoint
 
         ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
         cfg = config_from_checkpoint(ckpt)
         if img_size is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=img_size))
         bundle = data.build(dataclasses.replace(cfg.data, val_limit=1), seed=cfg.seed)
-        model = _build_model(cfg, bundle, torch.device("cpu"), pretrained=None)
+        model = build_model(cfg, bundle, torch.device("cpu"), pretrained=None)
         model.load_state_dict(ckpt["model"])
         return ERFSource(label=str(source), model=model.eval(), data=cfg.data)
     model = swinlab.create_model(source, pretrained=pretrained, **({"img_size": img_size} if img_size else {}))
