@@ -27,3 +27,16 @@ def test_topk_correct_rejects_bad_input():
         topk_correct(torch.randn(2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="target must be"):
         topk_correct(torch.randn(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_flop_counter_counts_fused_cpu_attention_like_matmuls():
+    """torch's FlopCounterMode reports 0 for SDPA on CPU; swinlab's counter must give what the matmuls cost."""
+    from swinlab.metrics.flops import flop_counter
+
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    bias = torch.randn(16, 16)
+    with flop_counter() as fused:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with flop_counter() as explicit:
+        torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + bias, dim=-1) @ v
+    assert fused.get_total_flops() == explicit.get_total_flops() == 2 * (2 * 2 * 3 * 16 * 16 * 8)
