@@ -115,14 +115,14 @@ def test_registered_shapes_including_the_papers_on_meta():
 def test_info_on_7b_allocates_nothing(capsys):
     assert main(["info", "gpt_7b"]) == 0  # 27 GB of FP32 weights if it were built for real
     out = capsys.readouterr().out
-    assert "meta device" in out and "6658.40 M" in out and "1x2048" in out
+    assert "meta device" in out and "6658.40 M" in out and "2x2048" in out
 
 
 @pytest.mark.slow
 def test_info_on_175b_allocates_nothing(capsys):
     assert main(["info", "gpt_175b"]) == 0
     out = capsys.readouterr().out
-    assert "meta device" in out and "174604.26 M" in out and "1x2048" in out
+    assert "meta device" in out and "174604.26 M" in out and "2x2048" in out
 
 
 def test_fp8_o1_swaps_block_linears_but_not_the_tied_head():
