@@ -122,7 +122,7 @@ def windowed_sdpa(
 
 
 class _WindowAttention(nn.Module):
-    """Shared projection / head handling; subclasses define the logits (``_scale_qk``) and the position bias."""
+    """Shared projection / head handling; subclasses define the logits (``_heads``) and the position bias."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__()
