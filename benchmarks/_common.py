@@ -54,6 +54,61 @@ def measure_steps(step: Callable[[], None], warmup: int, iters: int) -> dict:
     }
 
 
+def make_step(model, x, mode: str, impl: str, optimizer: str, num_classes: int) -> Callable[[], None]:
+    """One inference forward (``mode="infer"``) or one training step (cross entropy, backward, ``optimizer``
+    kind as :func:`make_optimizer`) of ``model`` on ``x``, as a zero-argument callable."""
+    import torch
+
+    if mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        return infer
+    model.train()
+    opt = make_optimizer(model, impl, optimizer)
+    y = torch.randint(0, num_classes, (x.shape[0],))
+
+    def train() -> None:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return train
+
+
+def run_mode(model, x, args, num_classes: int, unit: str) -> dict | None:
+    """The worker side of one (implementation, mode) measurement on input ``x``: ``check`` saves the eval outputs
+    for ``args.input`` to ``args.output`` (returns None), ``flops`` counts one sample's forward, ``infer`` / ``train``
+    time steps (the first step is timed apart: it compiles compiled variants). Rates are ``<unit>s_per_s``."""
+    import torch
+
+    if args.mode == "check":
+        model.eval()
+        with torch.inference_mode():
+            torch.save(model(torch.load(args.input, weights_only=True)), args.output)
+        return None
+    if args.mode == "flops":
+        from swinlab.metrics.flops import flop_counter  # counts SDPA's CPU kernel too (torch's table does not)
+
+        model.eval()
+        with torch.no_grad(), flop_counter() as counter:
+            model(x[:1])
+        return {f"flops_per_{unit}": counter.get_total_flops()}
+    step = make_step(model, x, args.mode, args.impl, args.optimizer, num_classes)
+    t0 = time.perf_counter()
+    step()
+    first_step = time.perf_counter() - t0
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    timing = measure_steps(step, max(args.warmup - 1, 0), args.iters)
+    # Minor page faults: every first touch of freshly mapped memory; expensive in this VM (see RESULTS.md).
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (max(args.warmup - 1, 0) + args.iters)
+    return {**timing, f"{unit}s_per_s": x.shape[0] / timing["median_s"], "first_step_s": first_step,
+            "page_faults": faults}  # fmt: skip
+
+
 def make_optimizer(model, impl: str, kind: str):
     """AdamW for the training step: ``plain`` = torch's default AdamW for every implementation (on CPU its
     per-parameter loop), ``fused`` = ``AdamW(fused=True)`` for every implementation, ``engine`` = swinlab rows

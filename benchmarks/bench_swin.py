@@ -11,8 +11,9 @@ there with ``pip install --no-deps -e .`` is measured on that torch too, the fai
     python benchmarks/bench_swin.py --peer-python /path/to/peerenv/bin/python --threads 2
 
 Protocol: eval()+inference_mode forward ("infer") and train()+forward+cross-entropy+backward+AdamW step ("train"),
-``--warmup`` untimed then ``--iters`` timed iterations, median wall time; FLOPs from FlopCounterMode on one forward
-(train counted as 3x forward); "busy" is the share of the machine other processes used during the timed loop
+``--warmup`` untimed then ``--iters`` timed iterations, median wall time; FLOPs from swinlab's ``flop_counter``
+(FlopCounterMode taught SDPA's CPU kernel) on one forward (train counted as 3x forward); "busy" is the share of
+the machine other processes used during the timed loop
 (from /proc/stat) — rows with busy above a few percent were disturbed.
 
 ``--compile`` adds a ``torch.compile`` (default inductor) variant of *every* implementation, so compiled ratios
@@ -32,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import available, gemm_peak, make_optimizer, measure_steps, run_json
+from _common import available, gemm_peak, run_json, run_mode
 
 MODEL = "swinv2_tiny_window8_256"
 
@@ -128,46 +127,9 @@ def worker(args: argparse.Namespace) -> None:
     model = build(args.impl, args.weights)
     result: dict = {"impl": args.impl, "mode": args.mode, "torch": torch.__version__}
     x = torch.randn(args.batch, 3, args.img, args.img)
-    if args.mode == "check":
-        model.eval()
-        with torch.inference_mode():
-            torch.save(model(torch.load(args.input, weights_only=True)), args.output)
-        return
-    if args.mode == "flops":
-        from torch.utils.flop_counter import FlopCounterMode
-
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x[:1])
-        result["flops_per_sample"] = counter.get_total_flops()
-        print(json.dumps(result))
-        return
-    if args.mode == "infer":
-        model.eval()
-
-        def step():
-            with torch.inference_mode():
-                model(x)
-    else:
-        model.train()
-        optimizer = make_optimizer(model, args.impl, args.optimizer)
-        y = torch.randint(0, 1000, (args.batch,))
-
-        def step():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    t0 = time.perf_counter()
-    step()  # for compiled variants this call compiles
-    first_step = time.perf_counter() - t0
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    timing = measure_steps(step, args.warmup - 1, args.iters)
-    # Minor page faults: every first touch of freshly mapped memory; expensive in this VM (see RESULTS.md).
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (args.warmup - 1 + args.iters)
-    result.update(timing, imgs_per_s=args.batch / timing["median_s"], first_step_s=first_step, page_faults=faults)
-    print(json.dumps(result))
+    measured = run_mode(model, x, args, num_classes=1000, unit="img")
+    if measured is not None:
+        print(json.dumps({**result, **measured}))
 
 
 def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
@@ -273,7 +235,7 @@ def main() -> None:
         if out.exists():
             outputs[(python, impl)] = torch.load(out, weights_only=True)
         if flops is None:
-            flops = run_worker(python, impl, "flops", args)["flops_per_sample"]
+            flops = run_worker(python, impl, "flops", args)["flops_per_img"]
         for mode in args.modes.split(","):
             if mode == "train" and impl.endswith("+freeze"):
                 continue

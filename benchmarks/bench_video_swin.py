@@ -18,8 +18,8 @@ second. Default clip 1x3x8x224x224: 224 px keeps every
 stage's spatial grid at least one 7x7 window, so both implementations compute the same function (the official
 relative-position slicing that torchvision copies is wrong only when a spatial axis is clamped); 8 frames (4 temporal
 tokens, the temporal window clamped from 8 to 4) halves the cost of the paper's 16-32 frames. FLOPs from
-FlopCounterMode on one forward of each implementation, the largest used (it does not see the fused attention
-swinlab runs, torchvision's explicit matmuls it does); train counted as 3x forward.
+``swinlab.metrics.flops.flop_counter`` (FlopCounterMode taught SDPA's CPU kernel) on one forward of each
+implementation, the largest used; train counted as 3x forward.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import available, gemm_peak, make_optimizer, measure_steps, run_json
+from _common import available, gemm_peak, make_step, measure_steps, run_json, run_mode
 
 MODEL = "video_swin_tiny"
 
@@ -91,40 +91,9 @@ def worker(args: argparse.Namespace) -> None:
     model = build(args.impl, args.weights)
     result: dict = {"impl": args.impl, "mode": args.mode, "torch": torch.__version__, "round": args.round}
     x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
-    if args.mode == "check":
-        model.eval()
-        with torch.inference_mode():
-            torch.save(model(torch.load(args.input, weights_only=True)), args.output)
-        return
-    if args.mode == "flops":
-        from torch.utils.flop_counter import FlopCounterMode
-
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x[:1])
-        result["flops_per_clip"] = counter.get_total_flops()
-        print(json.dumps(result))
-        return
-    if args.mode == "infer":
-        model.eval()
-
-        def step():
-            with torch.inference_mode():
-                model(x)
-    else:
-        model.train()
-        optimizer = make_optimizer(model, args.impl, args.optimizer)
-        y = torch.randint(0, 400, (args.batch,))
-
-        def step():
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    timing = measure_steps(step, args.warmup, args.iters)
-    result.update(timing, clips_per_s=args.batch / timing["median_s"])
-    print(json.dumps(result))
+    measured = run_mode(model, x, args, num_classes=400, unit="clip")
+    if measured is not None:
+        print(json.dumps({**result, **measured}))
 
 
 def alternate(args: argparse.Namespace) -> None:
@@ -137,26 +106,10 @@ def alternate(args: argparse.Namespace) -> None:
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
-    y = torch.randint(0, 400, (args.batch,))
-    models = {impl: build(impl, args.weights) for impl in ("swinlab", "torchvision")}
-    steps = {}
-    for impl, model in models.items():
-        if args.mode == "infer":
-            model.eval()
-
-            def step(model=model):
-                with torch.inference_mode():
-                    model(x)
-        else:
-            model.train()
-            optimizer = make_optimizer(model, impl, args.optimizer)
-
-            def step(model=model, optimizer=optimizer):
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        steps[impl] = step
+    steps = {
+        impl: make_step(build(impl, args.weights), x, args.mode, impl, args.optimizer, num_classes=400)
+        for impl in ("swinlab", "torchvision")
+    }
     times = {impl: [] for impl in steps}
     for i in range(args.warmup + args.iters):
         for impl in (("swinlab", "torchvision") if i % 2 == 0 else ("torchvision", "swinlab")):
@@ -237,10 +190,10 @@ def main() -> None:
         if out.exists():
             outputs[_label(python, impl)] = torch.load(out, weights_only=True)
         counted[_label(python, impl)] = run_worker(python, impl, "flops", args)["flops_per_clip"]
-    # FlopCounterMode does not count fused attention (swinlab's SDPA); torchvision's explicit matmuls give the
-    # complete count of the same function, so the largest count is the one used.
+    # Both count the same function (swinlab's counter includes SDPA's CPU kernel); the largest is used in case an
+    # implementation calls an op the counter does not know.
     flops = max(counted.values())
-    print("FlopCounterMode GFLOP/clip:", {k: f"{v / 1e9:.2f}" for k, v in counted.items()}, flush=True)
+    print("counted GFLOP/clip:", {k: f"{v / 1e9:.2f}" for k, v in counted.items()}, flush=True)
     base = next(iter(outputs.values()))
     diffs = {label: float((o - base).abs().max()) for label, o in outputs.items()}
     rows = []

@@ -85,6 +85,24 @@ def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     raise ValueError(f"unknown dataset data.name={name!r}{hint} (choose from {', '.join(DATASETS)})")
 
 
+def _loader(
+    cfg: DataConfig, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool, seed: int, collate=None
+) -> DataLoader:
+    """A DataLoader with its own seeded generator: it never draws from the global RNG, otherwise persistent
+    workers (no draw after the first epoch) would shift the sampler's per-epoch seed relative to num_workers=0."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate,
+    )
+
+
 def _loaders(
     cfg: DataConfig,
     train_set: Dataset,
@@ -98,20 +116,9 @@ def _loaders(
     ``sample_shapes`` give the shape of an all-unreadable batch's samples for each."""
     train_sampler = SeededDistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
 
-    # Each loader gets its own generator so it never draws from the global RNG: otherwise persistent workers
-    # (no draw after the first epoch) would shift the sampler's per-epoch seed draw relative to num_workers=0.
     def loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool, shape) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=cfg.num_workers,
-            persistent_workers=cfg.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=functools.partial(collate_skip_none, sample_shape=shape),
-        )
+        collate = functools.partial(collate_skip_none, sample_shape=shape)
+        return _loader(cfg, dataset, batch_size, sampler, drop_last, seed, collate)
 
     # drop_last keeps batch statistics steady, but never for a set that is a single batch or less
     train_loader = loader(
@@ -160,16 +167,7 @@ def _text_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> D
     val_size = min(len(val_set), cfg.val_limit) if cfg.val_limit else len(val_set)
 
     def loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=cfg.num_workers,
-            persistent_workers=cfg.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return _loader(cfg, dataset, batch_size, sampler, drop_last, seed)
 
     train_sampler = text.RandomWindowSampler(len(train_set), per_rank, seed, rank, world_size)
     val_sampler = ShardSampler(val_size, rank, world_size)
