@@ -54,6 +54,22 @@ def measure_steps(step: Callable[[], None], warmup: int, iters: int) -> dict:
     }
 
 
+def save_shared_weights(model_name: str, path, key: str) -> None:
+    """Save a seeded ``model_name``'s state dict (under ``key``, the official checkpoint's) with non-trivial norm
+    weights, so that a wrong key or layout mapping in a peer cannot pass the same-logits check."""
+    import torch
+
+    from swinlab import create_model
+
+    torch.manual_seed(0)
+    reference = create_model(model_name)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
+    torch.save({key: reference.state_dict()}, path)
+
+
 def make_step(model, x, mode: str, impl: str, optimizer: str, num_classes: int) -> Callable[[], None]:
     """One inference forward (``mode="infer"``) or one training step (cross entropy, backward, ``optimizer``
     kind as :func:`make_optimizer`) of ``model`` on ``x``, as a zero-argument callable."""

@@ -37,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import available, gemm_peak, run_json, run_mode
+from _common import available, gemm_peak, run_json, run_mode, save_shared_weights
 
 MODEL = "swinv2_tiny_window8_256"
 
@@ -198,17 +198,9 @@ def main() -> None:
 
     import torch
 
-    from swinlab import create_model
-
     tmp = Path(tempfile.mkdtemp(prefix="bench_swin_"))
-    torch.manual_seed(0)
-    reference = create_model(MODEL)
-    for name, p in reference.named_parameters():  # non-trivial weights so a wrong layout cannot pass the check
-        if "norm" in name:
-            with torch.no_grad():
-                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
     args.weights = str(tmp / "weights.pt")
-    torch.save({"model": reference.state_dict()}, args.weights)
+    save_shared_weights(MODEL, args.weights, key="model")
     # full batch, so a compiled model's check and timing runs share one graph (and inductor's on-disk cache)
     torch.save(torch.randn(args.batch, 3, args.img, args.img), tmp / "input.pt")
 
