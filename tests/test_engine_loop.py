@@ -38,7 +38,7 @@ def test_fit_writes_the_run_folder(tmp_path):
         rows[-1]["samples_seen"] == rows[-1]["samples_expected"] == "64"
         and rows[-1]["skipped_samples"] == "0"
     )
-    assert float(rows[-1]["imgs_per_s"]) > 0 and float(rows[-1]["val_top1"]) > 20  # learns something
+    assert float(rows[-1]["samples_per_s"]) > 0 and float(rows[-1]["val_top1"]) > 20  # learns something
     assert result["epochs_completed"] == 2 and result["run_dir"] == str(run)
     assert result["val_top1"] == pytest.approx(float(rows[-1]["val_top1"]))
     ckpt = load_checkpoint(run / "checkpoint.pt")

@@ -281,7 +281,7 @@ class _Fit:
             "grad_norm": float(np.mean(stats.grad_norms)) if stats.grad_norms else math.nan,
             "epoch_time": epoch_time,
             "steps_per_s": stats.steps / train_time if train_time > 0 else math.nan,
-            "imgs_per_s": totals["seen"] / train_time if train_time > 0 else math.nan,
+            "samples_per_s": totals["seen"] / train_time if train_time > 0 else math.nan,
             "samples_seen": int(totals["seen"]),
             "samples_expected": int(totals["expected"]),
             "skipped_samples": max(skipped, 0),
@@ -371,13 +371,13 @@ _COUNT_COLUMNS = ("samples_seen", "samples_expected")
 
 
 def _summary(row: dict[str, Any], epochs: int) -> str:
-    skip = {"epoch", "step", "lr", "epoch_time", "steps_per_s", "imgs_per_s", *_COUNT_COLUMNS}
+    skip = {"epoch", "step", "lr", "epoch_time", "steps_per_s", "samples_per_s", *_COUNT_COLUMNS}
     values = " ".join(
         f"{k} {v:.4g}" for k, v in row.items() if k not in skip and isinstance(v, float) and math.isfinite(v)
     )
     return (
         f"epoch {row['epoch']}/{epochs} step {row['step']} lr {row['lr']:.3g} {values} | "
-        f"{row['epoch_time']:.1f}s {row['steps_per_s']:.2f} steps/s {row['imgs_per_s']:.0f} img/s"
+        f"{row['epoch_time']:.1f}s {row['steps_per_s']:.2f} steps/s {row['samples_per_s']:.0f} samples/s"
     )
 
 

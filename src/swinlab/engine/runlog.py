@@ -23,7 +23,7 @@ THROUGHPUT_COLUMNS = (
     "grad_norm",
     "epoch_time",
     "steps_per_s",
-    "imgs_per_s",
+    "samples_per_s",
     "samples_seen",
     "samples_expected",
     "skipped_samples",
