@@ -154,7 +154,7 @@ class GPT(nn.Module):
         if idx.shape[1] > self.block_size:
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size={self.block_size}")
         if idx.device.type != "meta" and idx.numel():  # meta tensors (shape-only accounting) carry no values
-            low, high = int(idx.min()), int(idx.max())
+            low, high = (int(v) for v in torch.aminmax(idx))  # one pass, one host sync
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.vocab_size}), got values in [{low}, {high}]")
 
