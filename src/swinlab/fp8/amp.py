@@ -25,6 +25,7 @@ from torch import nn
 from swinlab.fp8.linear import ALIGN, FP8Linear
 from swinlab.fp8.optim import check_convertible, convert_optimizer
 from swinlab.fp8.shard import require_process_group, shard_fp8_linears
+from swinlab.layers.linear import Linear
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
@@ -64,7 +65,7 @@ def convert_linears(model: nn.Module, module_filter: ModuleFilter = default_filt
     chosen = [
         (fqn, module)
         for fqn, module in model.named_modules()
-        if type(module) is nn.Linear and fqn and module_filter(module, fqn)
+        if type(module) in (nn.Linear, Linear) and fqn and module_filter(module, fqn)
     ]
     for fqn, module in chosen:
         parent_name, _, child_name = fqn.rpartition(".")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swinlab.layers.linear import Linear
 from swinlab.layers.position import (
     continuous_position_bias,
     cpb_mlp,
@@ -130,7 +131,7 @@ class _WindowAttention(nn.Module):
             raise ValueError(f"num_heads={num_heads} does not divide the channel count {dim}")
         self.dim, self.num_heads = dim, num_heads
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: dict = {}
 
@@ -218,7 +219,7 @@ class WindowAttentionV2(_WindowAttention):
         self.pretrained_window = tuple(pretrained_window)
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.cpb_mlp = cpb_mlp(num_heads, rank=len(self.pretrained_window))
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -266,7 +267,7 @@ class WindowAttentionV1(_WindowAttention):
         super().__init__(dim, num_heads, attn_drop, proj_drop)
         self.window = tuple(window)
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros(relative_bias_table_size(self.window), num_heads)
         )

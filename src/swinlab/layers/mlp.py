@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from swinlab.layers.linear import Linear
+
 
 class Mlp(nn.Module):
     """``Linear -> act -> dropout -> Linear -> dropout``."""
@@ -19,10 +21,10 @@ class Mlp(nn.Module):
     ) -> None:
         super().__init__()
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.fc2 = Linear(hidden_features, out_features or in_features)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swinlab.layers.linear import Linear
+
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -69,7 +71,7 @@ class PatchMergingV2(nn.Module):
     ) -> None:
         super().__init__()
         self.out_dim = out_dim or 2 * dim
-        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+        self.reduction = Linear(4 * dim, self.out_dim, bias=False)
         self.norm = norm_layer(self.out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +91,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.out_dim = out_dim or 2 * dim
         self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+        self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reduction(self.norm(merge_2x2(x)))

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from swinlab.layers import (
     DropPath,
+    Linear,
     Mlp,
     PatchEmbed,
     PatchMergingV2,
@@ -297,7 +298,7 @@ class SwinTransformerV2(nn.Module):
         else:
             self.norm = norm_layer(self.num_features)
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(init_swin_weights)
         for layer in self.layers:
@@ -320,7 +321,7 @@ class SwinTransformerV2(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.head.apply(init_swin_weights)
 
     def _check_input(self, x: torch.Tensor) -> None:

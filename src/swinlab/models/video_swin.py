@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swinlab.layers import PatchEmbed, PatchMerging, PatchMergingV2
+from swinlab.layers import Linear, PatchEmbed, PatchMerging, PatchMergingV2
 from swinlab.models.registry import register_model
 from swinlab.models.swin import SwinBlockV1, SwinBlockV2, SwinStage, init_swin_weights
 
@@ -267,7 +267,7 @@ class I3DHead(nn.Module):
     def reset(self, num_classes: int, device: torch.device | None = None) -> None:
         """A fresh ``fc_cls`` for ``num_classes`` (``nn.Identity`` for 0), initialised as the official head."""
         self.num_classes = num_classes
-        self.fc_cls = nn.Linear(self.in_channels, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.fc_cls = Linear(self.in_channels, num_classes, device=device) if num_classes > 0 else nn.Identity()
         self.init_weights()
 
     def init_weights(self) -> None:

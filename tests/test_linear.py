@@ -1,0 +1,94 @@
+"""swinlab.layers.Linear: the oneDNN path computes nn.Linear's function and gradients, and falls back where it
+must."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from swinlab.layers import Linear, linear
+
+linear_module = importlib.import_module("swinlab.layers.linear")
+
+pytestmark = pytest.mark.skipif(not linear_module.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(37, 24), (3, 5, 24), (2, 3, 4, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [5, 200])  # the weight-gradient GEMM picks its operand order by row count
+def test_values_and_gradients_match_float64_reference(shape, bias, rows):
+    torch.manual_seed(0)
+    layer = Linear(24, rows, bias=bias)
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(*shape[:-1], rows)
+    out = layer(x)
+    out.backward(dy)
+    ref = layer.double()
+    x64 = x.detach().double().requires_grad_()
+    for p in ref.parameters():
+        p.grad = None
+    ref_out = F.linear(x64, ref.weight, ref.bias)
+    ref_out.backward(dy.double())
+    assert out.shape == ref_out.shape and out.dtype == torch.float32
+    assert rel(out, ref_out) < 1e-6
+    assert rel(x.grad, x64.grad) < 1e-6
+    layer32 = Linear(24, rows, bias=bias)
+    layer32.load_state_dict(layer.float().state_dict())
+    out32 = layer32(x.detach())
+    out32.backward(dy)
+    assert rel(layer32.weight.grad, ref.weight.grad) < 1e-6
+    if bias:
+        assert rel(layer32.bias.grad, ref.bias.grad) < 1e-6
+
+
+def test_in_place_update_of_the_output_keeps_gradients_right():
+    """The V2 attention adds its q/v bias in place on the projection output."""
+    torch.manual_seed(0)
+    layer, plain = Linear(8, 6, bias=False), nn.Linear(8, 6, bias=False)
+    plain.load_state_dict(layer.state_dict())
+    extra = torch.randn(6, requires_grad=True)
+    x = torch.randn(4, 8)
+    grads = []
+    for module in (layer, plain):
+        extra.grad = None
+        y = module(x)
+        y += extra
+        (y * torch.arange(6.0)).sum().backward()
+        grads.append((module.weight.grad.clone(), extra.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_state_dict_and_init_are_nn_linears():
+    layer = Linear(4, 3)
+    assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    nn.Linear(4, 3).load_state_dict(layer.state_dict())
+
+
+def test_falls_back_where_onednn_does_not_apply(monkeypatch):
+    calls = []
+    real = linear_module._onednn
+    monkeypatch.setattr(linear_module, "_onednn", lambda *a: calls.append(1) or real(*a))
+    w, b = torch.randn(3, 4), torch.randn(3)
+    linear(torch.randn(2, 4), w, b)
+    assert calls, "the fp32 CPU case must take the oneDNN path"
+    calls.clear()
+    linear(torch.randn(4), w, b)  # 1D input
+    linear(torch.randn(0, 4), w, b)  # empty
+    linear(torch.randn(2, 4).double(), w.double(), b.double())  # not fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(torch.randn(2, 4), w, b).dtype == torch.bfloat16  # autocast semantics kept
+    monkeypatch.setattr(linear_module, "ONEDNN_LINEAR", False)
+    linear(torch.randn(2, 4), w, b)
+    assert not calls
+
+
+def test_wrong_feature_count_raises_torchs_error():
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        linear(torch.randn(2, 5), torch.randn(3, 4))
