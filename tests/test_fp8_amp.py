@@ -1,6 +1,7 @@
 """``swinlab.fp8.initialize``: layer selection, opt_level errors, training through it, the engine's seam."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def test_o1_swaps_default_layers_and_rebuilds_the_optimizer_on_the_same_params()
     model = Tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     params = list(model.parameters())
-    model2, optimizer2 = initialize(model, optimizer, opt_level="O1")
+    with pytest.warns(UserWarning, match=r"kept 1 linear\(s\) in high precision .* odd \(64->74\);"):
+        model2, optimizer2 = initialize(model, optimizer, opt_level="O1")
     assert model2 is model and isinstance(optimizer2, FP8SGD)
     assert fp8_names(model) == {"body.0", "body.2"}
     assert list(model.parameters()) == params  # same Parameter objects...
@@ -56,7 +58,7 @@ def test_o1_swaps_default_layers_and_rebuilds_the_optimizer_on_the_same_params()
 def test_model_level_nonfinite_flag():
     model = Tiny()
     assert not bool(found_nonfinite(model))  # no FP8 layers yet
-    initialize(model)
+    initialize(model, module_filter=lambda module, fqn: fqn.startswith("body"))
     x = torch.randn(4, 64)
     model(x).sum().backward()
     assert not bool(found_nonfinite(model))
@@ -87,6 +89,36 @@ def test_opt_level_errors():
     with pytest.raises(TypeError, match="RMSprop"):
         initialize(model, torch.optim.RMSprop(model.parameters()), opt_level="O2")
     assert not fp8_names(model)  # a refused call leaves the model alone
+
+
+def test_unaligned_linears_kept_out_by_default_are_named_in_one_warning():
+    model = nn.Sequential(nn.Linear(64, 100), nn.Linear(100, 64), nn.Linear(64, 64), nn.Linear(256, 8))
+    with pytest.warns(UserWarning, match=r"kept 2 linear\(s\) .* 0 \(64->100\), 1 \(100->64\);") as caught:
+        assert convert_linears(model) == ["2"]  # 3 (256 -> 8) is a small projection: kept without a word
+    assert len(caught) == 1
+
+
+@pytest.mark.parametrize("grad_format", ["e4m3", "e5m2"])
+def test_grad_format_reaches_every_layer_from_initialize_and_from_the_config(grad_format):
+    from swinlab.config import load_config
+
+    model = Tiny()
+    initialize(model, module_filter=lambda module, fqn: fqn.startswith("body"), grad_format=grad_format)
+    assert {model.body[i].grad_output_meta.fmt.name for i in (0, 2)} == {grad_format}
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "gpt_nano_stdlib.yaml",
+                      ["precision=fp8-o2", f"fp8.grad_format={grad_format}", "fp8.history_len=4"])  # fmt: skip
+    gpt = swinlab.create_model(cfg.model.name)
+    gpt, _, _ = precision.wrap(gpt, torch.optim.AdamW(gpt.parameters()), cfg.precision, cfg.fp8)
+    layers = [m for m in gpt.modules() if isinstance(m, FP8Linear)]
+    assert layers and {m.grad_output_meta.fmt.name for m in layers} == {grad_format}
+    assert {m.input_meta.amax_history.numel() for m in layers} == {4}
+
+
+def test_unknown_grad_format_is_refused_before_the_model_changes():
+    model = Tiny()
+    with pytest.raises(ValueError, match="unknown FP8 format 'bf16'"):
+        initialize(model, torch.optim.AdamW(model.parameters()), "O2", grad_format="bf16")
+    assert not fp8_names(model)
 
 
 def test_engine_precision_seam_runs_swin_nano_in_fp8():

@@ -264,9 +264,13 @@ def test_o2_resume_from_state_dicts_continues_bit_identically(sgd):
 def test_state_dict_of_another_level_or_a_torch_optimizer_is_refused():
     model, opt = o2_net()
     train_steps(model, opt, 1, seed=1)
-    _, o1_opt = initialize(Net(), torch.optim.AdamW(Net().parameters()), "O1")
-    with pytest.raises(ValueError, match=r"float8_e4m3fn.*opt_level"):
+    o1_model = Net()
+    o1_model, o1_opt = initialize(o1_model, torch.optim.AdamW(o1_model.parameters(), lr=3e-3), "O1")
+    train_steps(o1_model, o1_opt, 1, seed=1)
+    with pytest.raises(ValueError, match=r"float8_e4m3fn.*opt_level"):  # O2 state into O1
         o1_opt.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=r"float32.*float8_e4m3fn.*opt_level"):  # O1 state into O2
+        opt.load_state_dict(o1_opt.state_dict())
     plain = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="not an FP8 optimizer state"):
         opt.load_state_dict(plain.state_dict())

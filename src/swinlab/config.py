@@ -96,6 +96,20 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FP8Config:
+    """The FP8 recipe of ``precision=fp8-o1|o2|o3`` (keywords of ``swinlab.fp8.initialize``): the same three knobs
+    as TransformerEngine's delayed-scaling recipe."""
+
+    grad_format: str = "e5m2"
+    """Output-gradient format: ``e5m2`` (FP8-LM / MS-AMP: range first; its rounding alone costs ~5.3 % relative
+    L2) or ``e4m3`` (precision first: gradient GEMMs within 5 % of FP32, less head-room against overflow)."""
+    history_len: int = 16
+    """Amaxes remembered by delayed scaling (activations, output gradients)."""
+    margin: int = 0
+    """Scales leave ``2**margin`` head-room below the format's maximum."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,6 +126,8 @@ class TrainConfig:
     accum_steps: int = 1
     precision: str = "fp32"
     """``fp32``, ``bf16`` (autocast), or FP8-LM's ``fp8-o1`` / ``fp8-o2`` / ``fp8-o3`` (``swinlab.fp8.initialize``)."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """Used by the ``fp8-*`` precisions only, e.g. ``--set fp8.grad_format=e4m3``."""
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"

@@ -8,11 +8,14 @@ optimizer for its FP8 twin (FP8 weight gradients; at O2 FP8/FP16 moments and FP1
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+
+from swinlab.config import FP8Config
 
 AutocastFactory = Callable[[], AbstractContextManager[object]]
 
@@ -25,13 +28,18 @@ def _device_type(model: nn.Module) -> str:
 
 
 def wrap(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, precision: str
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    precision: str,
+    fp8_recipe: FP8Config | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer | None, AutocastFactory]:
     """Prepare ``model``/``optimizer`` for ``precision`` (see :data:`PRECISIONS`).
 
     Call it on the plain model, after the optimizer is built and before DistributedDataParallel, so FP8 layer
     swaps are seen by both. Returns the (possibly replaced) model and optimizer and a zero-argument factory of
     the context manager to run forward passes and losses under. ``optimizer`` is ``None`` for evaluation.
+    ``fp8_recipe`` (the config's ``fp8`` section: gradient format, amax history, margin) applies to the FP8 levels;
+    evaluation must get the training run's, since the amax-history length shapes the checkpoint's buffers.
     """
     key = precision.lower()
     if key == "fp32":
@@ -42,7 +50,8 @@ def wrap(
     if key in ("fp8-o1", "fp8-o2", "fp8-o3"):
         from swinlab import fp8  # imported on use: fp32/bf16 runs do not load the FP8 package
 
-        model, optimizer = fp8.initialize(model, optimizer, opt_level=key[-2:].upper())
+        options = dataclasses.asdict(fp8_recipe or FP8Config())
+        model, optimizer = fp8.initialize(model, optimizer, opt_level=key[-2:].upper(), **options)
         return model, optimizer, contextlib.nullcontext
     raise ValueError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISIONS)})")
 

@@ -107,7 +107,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)  # the initial weights are part of the recipe (and equal on every rank)
         model = build_model(cfg, data, env.device, pretrained=cfg.model.pretrained)
         optimizer = build_optimizer(model, cfg.optim)
-        model, optimizer, autocast = precision.wrap(model, optimizer, cfg.precision)
+        model, optimizer, autocast = precision.wrap(model, optimizer, cfg.precision, cfg.fp8)
         if env.is_main:
             print(_describe(cfg, model, data, env), flush=True)
         if cfg.compile:
@@ -140,7 +140,7 @@ def evaluate(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> di
         data = _build_data(cfg, env)
         model = build_model(cfg, data, env.device, pretrained=None)
         # Wrap first: a precision (e.g. FP8) may add state of its own that the checkpoint holds.
-        model, _, autocast = precision.wrap(model, None, cfg.precision)
+        model, _, autocast = precision.wrap(model, None, cfg.precision, cfg.fp8)
         model.load_state_dict(ckpt["model"])
         task = _build_task(cfg, _num_classes(cfg, data), data.kind)
         metrics = run_evaluation(model, task, data.val_loader, env, autocast)

@@ -17,11 +17,13 @@ needs an initialised process group (torchrun) and replaces each FP8Linear by a S
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from swinlab.fp8.formats import E5M2, FP8Format, get_format
 from swinlab.fp8.linear import ALIGN, FP8Linear
 from swinlab.fp8.optim import check_convertible, convert_optimizer
 from swinlab.fp8.shard import require_process_group, shard_fp8_linears
@@ -44,29 +46,48 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
     """FP8 for a linear unless it is a classifier head or too small/odd-shaped to gain anything.
 
     Kept in high precision: modules named like a head (``head``, ``fc``, ``classifier``, ``lm_head`` as the last
-    or second-to-last path component, e.g. ``head`` or ``head.fc``), linears with fewer than 64x64 weights
-    (e.g. SwinV2's continuous position bias MLP), and linears whose dims are not multiples of 16.
+    or second-to-last path component, e.g. ``head`` or ``head.fc``), linears with fewer than 64x64 weights or
+    a dim below 16 (e.g. SwinV2's continuous position bias MLP, 512 -> heads), and linears whose dims are not
+    multiples of 16 (these are named in a warning by :func:`convert_linears`).
     """
+    return _kept_because(module, fqn) is None
+
+
+def _kept_because(module: nn.Module, fqn: str) -> str | None:
+    """Why :func:`default_filter` keeps ``module`` in high precision (``None``: it becomes FP8)."""
     if not isinstance(module, nn.Linear):
-        return False
-    parts = fqn.split(".")
-    if HEAD_NAMES.intersection(parts[-2:]):
-        return False
-    if module.in_features * module.out_features < MIN_NUMEL:
-        return False
-    return module.in_features % ALIGN == 0 and module.out_features % ALIGN == 0
+        return "not a linear"
+    if HEAD_NAMES.intersection(fqn.split(".")[-2:]):
+        return "head"
+    if module.in_features * module.out_features < MIN_NUMEL or min(module.in_features, module.out_features) < ALIGN:
+        return "small"
+    if module.in_features % ALIGN or module.out_features % ALIGN:
+        return "unaligned"
+    return None
 
 
 def convert_linears(model: nn.Module, module_filter: ModuleFilter = default_filter, **kwargs) -> list[str]:
     """Replace every ``nn.Linear`` accepted by ``module_filter(module, fqn)`` by an FP8Linear; returns their fqns.
 
-    ``kwargs`` go to :meth:`FP8Linear.from_linear`. Layers that already are FP8Linear are left alone.
+    ``kwargs`` go to :meth:`FP8Linear.from_linear`. Layers that already are FP8Linear are left alone. With the
+    default filter, linears kept out only because ``_scaled_mm`` needs dims that are multiples of 16 are named in
+    a warning: a model whose big layers silently stayed FP32 would neither save memory nor say why.
     """
-    chosen = [
-        (fqn, module)
-        for fqn, module in model.named_modules()
-        if type(module) in (nn.Linear, Linear) and fqn and module_filter(module, fqn)
-    ]
+    linears = [(fqn, module) for fqn, module in model.named_modules() if type(module) in (nn.Linear, Linear) and fqn]
+    chosen = [(fqn, module) for fqn, module in linears if module_filter(module, fqn)]
+    if module_filter is default_filter:
+        unaligned = [
+            f"{fqn} ({module.in_features}->{module.out_features})"
+            for fqn, module in linears
+            if _kept_because(module, fqn) == "unaligned"
+        ]
+        if unaligned:
+            warnings.warn(
+                f"FP8: kept {len(unaligned)} linear(s) in high precision because FP8 GEMMs need in/out features "
+                f"that are multiples of {ALIGN}: {', '.join(unaligned)}; a module_filter that accepts them runs "
+                "them in FP8 with zero padding",
+                stacklevel=2,
+            )
     for fqn, module in chosen:
         parent_name, _, child_name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -117,6 +138,7 @@ def initialize(
     grad_mode: str = "fp8",
     history_len: int = 16,
     margin: int = 0,
+    grad_format: FP8Format | str = E5M2,
     master_dtype: torch.dtype | None = None,
     m1_dtype: torch.dtype | None = None,
     m2_dtype: torch.dtype | None = None,
@@ -129,9 +151,11 @@ def initialize(
     ``torch.optim.SGD`` is replaced by its FP8 twin (same groups and hyper-parameters) storing FP8 weights and
     moments as :data:`LEVEL_DTYPES` says. ``master_dtype`` / ``m1_dtype`` / ``m2_dtype`` override the level's
     choice (the precision-decoupling ablations: e.g. ``master_dtype=torch.float8_e4m3fn``). Without an optimizer
-    (evaluation) only the layers are swapped. ``grad_mode="fp8"`` leaves weight gradients as E4M3 in
-    ``weight.fp8_grad`` (1 B/param); ``"dequantized"`` hands the same quantised values to autograd as an FP32
-    ``.grad`` (4 B/param), for code that only knows ``.grad``.
+    (evaluation) only the layers are swapped. ``grad_format`` is the output gradients' format: E5M2 (FP8-LM,
+    range first) or ``"e4m3"`` (its 3 mantissa bits keep the gradient GEMMs within 5 % of FP32, where E5M2's
+    rounding alone costs ~5.3 %; ``benchmarks/bench_fp8_gemm.py``). ``grad_mode="fp8"`` leaves weight
+    gradients as E4M3 in ``weight.fp8_grad`` (1 B/param); ``"dequantized"`` hands the same quantised values to
+    autograd as an FP32 ``.grad`` (4 B/param), for code that only knows ``.grad``.
     """
     level = str(opt_level).upper()
     if level not in OPT_LEVELS:
@@ -145,8 +169,14 @@ def initialize(
     dtypes = {**LEVEL_DTYPES[level], **{k: v for k, v in overrides.items() if v is not None}}
     if optimizer is not None:
         check_convertible(optimizer)  # before touching the model, so a refused optimizer leaves it as it was
+    grad_format = get_format(grad_format)  # an unknown name fails here, before the model is touched
     convert_linears(
-        model, module_filter or default_filter, grad_mode=grad_mode, history_len=history_len, margin=margin
+        model,
+        module_filter or default_filter,
+        grad_mode=grad_mode,
+        history_len=history_len,
+        margin=margin,
+        grad_format=grad_format,
     )
     if optimizer is not None:
         check_untied(model)
