@@ -139,15 +139,24 @@ def make_optimizer(model, impl: str, kind: str):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if kind == "fused" else None)
 
 
-def gemm_peak(threads: int, n: int = 2048, iters: int = 10) -> float:
-    """fp32 GEMM GFLOP/s on this machine with ``threads`` threads (best of ``iters``)."""
+def gemm_peak(threads: int, n: int = 2048, iters: int = 10) -> dict[str, float]:
+    """fp32 GEMM GFLOP/s on this machine with ``threads`` threads (best of ``iters``), per backend: ``mm``
+    (torch's matmul: MKL on x86 CPUs) and ``onednn`` (the path of ``swinlab.layers.Linear``). The two differ by
+    2x or more on some CPUs (MKL's generic path on AMD), so the faster one is the machine's peak."""
     import torch
+
+    from swinlab.layers.linear import ONEDNN_LINEAR, _onednn
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(iters))
-    return 2 * n**3 / best / 1e9
+    kernels = {"mm": lambda: a @ b}
+    if ONEDNN_LINEAR:
+        kernels["onednn"] = lambda: _onednn(a, b, None)
+    peaks = {}
+    for name, fn in kernels.items():
+        fn()
+        peaks[name] = 2 * n**3 / min(_timed(fn) for _ in range(iters)) / 1e9
+    return peaks
 
 
 def _timed(fn) -> float:

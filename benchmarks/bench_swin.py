@@ -23,6 +23,9 @@ implementation. Compilation happens in the first warm-up step, reported as "firs
 minor faults (first touches of freshly mapped memory; large tensors are mmapped and unmapped by malloc on every
 allocation), a cost that is high in this VM and that the eager rows differ in.
 
+``--mkl-linears`` adds swinlab rows with its oneDNN linears switched off (torch's default GEMM, MKL on x86): the
+ablation that shows how much of swinlab's speed is the GEMM backend (``swinlab.layers.Linear``) and how much the rest.
+
 ``--optimizer`` picks the AdamW of the training step (``plain``: torch's default for all, the default; ``fused``:
 ``fused=True`` for all; ``engine``: swinlab's own ``build_optimizer`` for swinlab rows, torch's default for the
 peers). ``--impls`` / ``--no-local`` / ``--modes``
@@ -50,6 +53,11 @@ def build(impl: str, weights: str | None):
     model = _build_eager(name, weights)
     if variant == "compile":
         return torch.compile(model)
+    if variant == "mkl":  # ablation: the same model with its linears on torch's default GEMM (MKL on x86)
+        import swinlab.layers.linear
+
+        swinlab.layers.linear.ONEDNN_LINEAR = False
+        return model
     if variant == "freeze":  # inference only: weights become constants, linears prepacked, biases/GELU fused
         return torch.compile(model, options={"freezing": True})
     return model
@@ -177,6 +185,11 @@ def main() -> None:
         action="store_true",
         help="also measure torch.compile(options={'freezing': True}) variants of every implementation (infer only)",
     )
+    parser.add_argument(
+        "--mkl-linears",
+        action="store_true",
+        help="also measure swinlab with its linears on torch's default GEMM (SWINLAB_ONEDNN_LINEAR=0): the ablation",
+    )
     parser.add_argument("--impls", default="swinlab,timm,torchvision", help="comma-separated subset to run")
     parser.add_argument(
         "--no-local", action="store_true", help="skip swinlab on this interpreter (only the peer interpreter)"
@@ -207,18 +220,20 @@ def main() -> None:
     names = args.impls.split(",")
     variants = [""] + ["+compile"] * args.compile + ["+freeze"] * args.freeze
     impls = []
+    own = ["+mkl"] * args.mkl_linears  # swinlab-only variants
     if "swinlab" in names and not args.no_local:
-        impls += [(sys.executable, "swinlab" + v) for v in variants]
+        impls += [(sys.executable, "swinlab" + v) for v in variants + own]
     if args.peer_python:
         for impl in names:
             if available(args.peer_python, impl):
-                impls += [(args.peer_python, impl + v) for v in variants]
+                impls += [(args.peer_python, impl + v) for v in variants + (own if impl == "swinlab" else [])]
             else:
                 print(f"  {impl} not importable with {args.peer_python}; skipped", file=sys.stderr)
 
     print(f"fp32 GEMM peak ({args.threads} threads): ", end="", flush=True)
-    peak = gemm_peak(args.threads)
-    print(f"{peak:.0f} GFLOP/s")
+    peaks = gemm_peak(args.threads)
+    peak = max(peaks.values())
+    print(", ".join(f"{name} {value:.0f}" for name, value in peaks.items()) + " GFLOP/s")
     rows, outputs = [], {}
     flops = None
     for python, impl in impls:
@@ -243,7 +258,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"rows": rows, "flops_per_sample": flops, "gemm_peak": peak, "max_abs_logit_diff_vs_swinlab": diffs},
+                {"rows": rows, "flops_per_sample": flops, "gemm_peak": peaks, "max_abs_logit_diff_vs_swinlab": diffs},
                 indent=1,
             )
         )
@@ -268,10 +283,12 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
             f"{r['first_step_s']:.1f} | {100 * r['busy_others']:.0f}% |"
         )
     print(f"training step optimizer: {args.optimizer} (see make_optimizer)")
-    for variant in ("", "+compile", "+freeze"):
+    for variant in ("", "+compile", "+freeze", "+mkl"):
+        peer_variant = "" if variant == "+mkl" else variant  # the ablation is compared with the eager peers
         for mode in ("infer", "train"):
             ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant]
-            peers = [r for r in rows if r["mode"] == mode and r["impl"] in ("timm" + variant, "torchvision" + variant)]
+            peer_names = ("timm" + peer_variant, "torchvision" + peer_variant)
+            peers = [r for r in rows if r["mode"] == mode and r["impl"] in peer_names]
             if ours and peers:
                 best = max(peers, key=lambda r: r["imgs_per_s"])
                 for r in ours:

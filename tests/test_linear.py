@@ -1,16 +1,14 @@
 """swinlab.layers.Linear: the oneDNN path computes nn.Linear's function and gradients, and falls back where it
 must."""
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinlab.layers import Linear, linear
-
-linear_module = importlib.import_module("swinlab.layers.linear")
+import swinlab.layers.linear as linear_module
+from swinlab.layers import Linear
+from swinlab.layers.linear import linear
 
 pytestmark = pytest.mark.skipif(not linear_module.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 

@@ -40,3 +40,15 @@ def test_flop_counter_counts_fused_cpu_attention_like_matmuls():
     with flop_counter() as explicit:
         torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + bias, dim=-1) @ v
     assert fused.get_total_flops() == explicit.get_total_flops() == 2 * (2 * 2 * 3 * 16 * 16 * 8)
+
+
+def test_flop_counter_counts_onednn_linears_forward_and_backward_like_f_linear():
+    from swinlab.layers import Linear
+    from swinlab.metrics.flops import flop_counter
+
+    layer, x = Linear(8, 5), torch.randn(3, 4, 8, requires_grad=True)
+    with flop_counter() as counted:
+        layer(x).sum().backward()
+    with flop_counter() as reference:
+        torch.nn.functional.linear(x, layer.weight, layer.bias).sum().backward()
+    assert counted.get_total_flops() == reference.get_total_flops() == 3 * 2 * 12 * 8 * 5

@@ -10,7 +10,7 @@ from swinlab.layers.gmconv import (
     convert_to_gmconv,
     fuse_gmconv,
 )
-from swinlab.layers.linear import Linear, linear
+from swinlab.layers.linear import Linear
 from swinlab.layers.mlp import Mlp
 from swinlab.layers.patch import PatchEmbed, PatchMerging, PatchMergingV2, merge_2x2, pad_to_multiple
 from swinlab.layers.position import (
@@ -66,7 +66,6 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, not alphabetically
     "PatchMerging",
     "PatchMergingV2",
     "drop_path",
-    "linear",
     "merge_2x2",
     "pad_to_multiple",
     # Gaussian-masked convolution

@@ -1,6 +1,7 @@
 """Model cost: parameters, FLOPs and training activation memory, measured rather than estimated by formula.
 
-FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` taught SDPA's CPU kernel (:func:`flop_counter`); it
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` taught SDPA's CPU kernel and oneDNN's linear
+(:func:`flop_counter`); it
 counts a multiply-add as 2 FLOPs, so halve the number to compare with papers that quote "GFLOPs" meaning
 multiply-accumulates. Activation memory is the size of
 the tensors autograd keeps for the backward pass of one training forward, counted once per storage.
@@ -8,6 +9,7 @@ the tensors autograd keeps for the backward pass of one training forward, counte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +27,21 @@ def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape,
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _onednn_linear_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(input_shape) * weight_shape[0]
+
+
 def flop_counter() -> FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts SDPA's CPU kernel, which torch's table leaves out (it would report 0
-    FLOPs for every fused attention on CPU and under-count attention models against peers that use matmuls)."""
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
-        },
-    )
+    """A ``FlopCounterMode`` that also counts SDPA's CPU kernel and oneDNN's linear (``swinlab.layers.Linear`` on
+    CPU), which torch's table leaves out: it would report 0 FLOPs for them and under-count the models against
+    peers that use matmuls."""
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+    }
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flop
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 @dataclass(frozen=True)
