@@ -141,6 +141,29 @@ def test_engine_precision_seam_runs_swin_nano_in_fp8():
         precision.wrap(model, optimizer, "fp8-o2")
 
 
+@pytest.mark.parametrize(
+    ("name", "make_input"),
+    [
+        ("video_swin_nano", lambda: torch.randn(2, 3, 8, 32, 32)),
+        ("gpt_nano", lambda: torch.randint(0, 256, (2, 32))),
+    ],
+)
+def test_o2_trains_video_swin_and_gpt(name, make_input):
+    model = swinlab.create_model(name)
+    model, optimizer = initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), "O2")
+    converted = fp8_names(model)
+    x = make_input()
+    out = model(x)
+    logits = out.flatten(0, -2) if out.dim() == 3 else out
+    target = x.flatten() if out.dim() == 3 else torch.tensor([0, 1])
+    loss = nn.functional.cross_entropy(logits, target)
+    loss.backward()
+    optimizer.step()
+    assert converted and torch.isfinite(loss) and optimizer.skipped_steps == 0
+    assert all(int(model.get_submodule(n).input_meta.steps) == 1 for n in converted)  # each ran its FP8 GEMM
+    assert optimizer.state_dtypes["exp_avg"] == torch.float8_e4m3fn
+
+
 def _fp8_run(tmp_path):
     from swinlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
     from swinlab.engine import train
