@@ -63,8 +63,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "m2_e4m3": {"opt_level": "O2", "m2_dtype": E4M3},
     "O1": {"opt_level": "O1"},
     "O2": {"opt_level": "O2"},
+    "O1_fp32_master": {"opt_level": "O1", "master_dtype": torch.float32},
+    "O1_e4m3_grads": {"opt_level": "O1", "grad_format": "e4m3"},
 }
 """Variant name -> arguments of :func:`swinlab.fp8.initialize` (``None``: plain FP32)."""
+DIAGNOSTICS = ("O1_fp32_master", "O1_e4m3_grads")
+"""Where O1's cost comes from: its FP16 master kept in FP32, or its E5M2 output gradients made E4M3 (opt-in)."""
 CONTROLS = ("master_e4m3", "m2_e4m3")
 SUCCESSOR_RECIPE = (
     "data.name=text", "data.seq_len=32", "data.val_limit=64", "optim.lr=5e-4", "optim.schedule=constant",
@@ -141,7 +145,8 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = dict(zip(VARIANTS, ("black", "tab:red", "tab:orange", "tab:blue", "tab:green"), strict=True))
+    palette = ("black", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown")
+    colors = dict(zip(VARIANTS, palette, strict=True))
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         label = r["variant"] if r["seed"] == min(x["seed"] for x in runs if x["variant"] == r["variant"]) else None
@@ -170,7 +175,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--control-seeds", type=int, nargs="+", default=[0],
                         help="seeds of the negative controls (far off by design: one seed shows it)")  # fmt: skip
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in DIAGNOSTICS],
+                        choices=list(VARIANTS), help=f"default: all but {', '.join(DIAGNOSTICS)}")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/fp8_accuracy.json"))
     parser.add_argument("--png", type=Path, default=Path("benchmarks/fp8_accuracy.png"))
