@@ -37,9 +37,15 @@ MODEL = "video_swin_tiny"
 
 
 def build(impl: str, weights: str | None):
-    """``impl`` (``swinlab`` or ``torchvision``) with the shared weights (official recognizer layout) loaded."""
+    """``impl`` (``swinlab``, ``swinlab+mkl`` or ``torchvision``) with the shared weights (official recognizer
+    layout) loaded; ``swinlab+mkl`` is the ablation with swinlab's linears on torch's default GEMM."""
     import torch
 
+    if impl == "swinlab+mkl":
+        import swinlab.layers.linear
+
+        swinlab.layers.linear.ONEDNN_LINEAR = False
+        impl = "swinlab"
     if impl == "swinlab":
         from swinlab import create_model
         from swinlab.models.video_checkpoints import load_official_video
@@ -145,6 +151,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="repeat all rows, interleaved, this many times")
     parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
     parser.add_argument("--no-local", action="store_true", help="skip swinlab on this interpreter")
+    parser.add_argument(
+        "--mkl-linears",
+        action="store_true",
+        help="also measure swinlab with its linears on torch's default GEMM (SWINLAB_ONEDNN_LINEAR=0): the ablation",
+    )
     parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
     parser.add_argument("--json", default=None, help="write all raw results here")
     parser.add_argument(
@@ -172,6 +183,8 @@ def main() -> None:
     impls = [] if args.no_local else [(sys.executable, "swinlab")]
     if args.peer_python:
         impls += [(args.peer_python, impl) for impl in ("swinlab", "torchvision") if available(args.peer_python, impl)]
+    if args.mkl_linears:
+        impls += [(python, "swinlab+mkl") for python, impl in list(impls) if impl == "swinlab"]
     print(f"fp32 GEMM peak ({args.threads} threads): ", end="", flush=True)
     peaks = gemm_peak(args.threads)
     peak = max(peaks.values())
@@ -230,7 +243,7 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
         )
     print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer)")
     for mode in ("infer", "train"):
-        for label in sorted({r["label"] for r in rows if r["impl"] == "swinlab"}):
+        for label in sorted({r["label"] for r in rows if r["impl"].startswith("swinlab")}):
             speed, memory = [], []
             for rnd in range(args.rounds):
                 ours = [r for r in rows if r["mode"] == mode and r["label"] == label and r["round"] == rnd]

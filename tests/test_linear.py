@@ -90,3 +90,19 @@ def test_falls_back_where_onednn_does_not_apply(monkeypatch):
 def test_wrong_feature_count_raises_torchs_error():
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         linear(torch.randn(2, 5), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_fused_inference_equals_gelu_of_linear(approximate):
+    from swinlab.layers.linear import linear_gelu
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 7, 16), torch.randn(32, 16), torch.randn(32)
+    ref = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate=approximate)
+    with torch.no_grad():
+        fused = linear_gelu(x, w, b, approximate)
+    assert fused.shape == ref.shape and rel(fused, ref) < 1e-6
+    x.requires_grad_()
+    out = linear_gelu(x, w, b, approximate)  # with autograd: linear then GELU, differentiable
+    out.sum().backward()
+    assert rel(out, ref) < 1e-6 and x.grad is not None

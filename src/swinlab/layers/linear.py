@@ -28,9 +28,12 @@ ONEDNN_LINEAR = (
 """Whether fp32 CPU linears run through oneDNN (read once at import)."""
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for 2D ``x`` (strided operands are fine)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for 2D ``x`` (strided operands are fine), optionally followed by GELU (``gelu`` =
+    its ``approximate``: ``"none"`` or ``"tanh"``) in the same kernel."""
+    if gelu is None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], gelu)
 
 
 def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -75,17 +78,32 @@ def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     )
 
 
+def _records_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with fp32 CPU GEMMs (forward and backward) through oneDNN; see the module docstring."""
     if not _takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
-    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    if torch.is_grad_enabled() and needs_grad:
-        out = _OneDNNLinear.apply(flat, weight, bias)
-    else:
-        out = _onednn(flat, weight, bias)
+    record = _records_grad(x, weight, bias)
+    out = _OneDNNLinear.apply(flat, weight, bias) if record else _onednn(flat, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, approximate: str = "none"
+) -> torch.Tensor:
+    """``GELU(x W^T + b)``. Without autograd it costs no pass of its own: on the oneDNN path the GELU runs in the
+    GEMM's epilogue, elsewhere it overwrites the linear's output (the widest activation of a transformer block,
+    whose fresh pages are costly to touch twice)."""
+    if _records_grad(x, weight, bias):
+        return F.gelu(linear(x, weight, bias), approximate=approximate)
+    if _takes_onednn(x, weight, bias):
+        out = _onednn(x.reshape(-1, x.shape[-1]), weight, bias, gelu=approximate)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return torch.ops.aten.gelu_(F.linear(x, weight, bias), approximate=approximate)
 
 
 class Linear(nn.Linear):

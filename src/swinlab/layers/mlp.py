@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from swinlab.layers.linear import Linear
+from swinlab.layers.linear import Linear, linear_gelu
 
 
 class Mlp(nn.Module):
@@ -28,11 +28,8 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        # Without autograd the GELU overwrites the hidden activations: the widest tensor of the network is
-        # then allocated (and its pages first touched, costly on CPU) once per block instead of twice.
-        if not torch.is_grad_enabled() and type(self.act) is nn.GELU:
-            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        if type(self.fc1) is Linear and type(self.act) is nn.GELU:  # not a swapped layer (e.g. FP8Linear)
+            h = linear_gelu(x, self.fc1.weight, self.fc1.bias, self.act.approximate)
         else:
-            h = self.act(h)
+            h = self.act(self.fc1(x))
         return self.drop2(self.fc2(self.drop1(h)))
