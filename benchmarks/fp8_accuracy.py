@@ -51,7 +51,7 @@ import swinlab
 from swinlab import fp8
 from swinlab.config import load_config
 from swinlab.data import build
-from swinlab.engine import fit
+from swinlab.engine import fit, run_evaluation
 from swinlab.engine.optim import build_optimizer
 from swinlab.engine.tasks import LanguageModelingTask
 
@@ -117,6 +117,14 @@ def run(
     result = fit(model, LanguageModelingTask(), optimizer, data.train_loader, data.val_loader, cfg)
     seconds = time.perf_counter() - start
     rows = list(csv.DictReader((Path(result["run_dir"]) / "metrics.csv").open()))
+    fp32_gemm_loss = None
+    if spec is not None:
+        # The trained weights again with FP32 GEMMs: how much of a gap is FP8 inference, not FP8 training.
+        plain = swinlab.create_model(cfg.model.name, **data.model_kwargs)
+        missing = plain.load_state_dict(model.state_dict(), strict=False).missing_keys  # FP8 metas are extra
+        if missing:
+            raise RuntimeError(f"FP8 state dict lacks {missing}")
+        fp32_gemm_loss = run_evaluation(plain, LanguageModelingTask(), data.val_loader)["val_loss"]
     return {
         "variant": variant,
         "seed": seed,
@@ -124,6 +132,7 @@ def run(
         "val_loss": [float(r["val_loss"]) for r in rows],
         "train_loss": [float(r["train_loss"]) for r in rows],
         "final_val_loss": float(rows[-1]["val_loss"]),
+        "final_val_loss_fp32_gemms": fp32_gemm_loss,
         "skipped_steps": sum(int(r["skipped_steps"]) for r in rows),
         "seconds": seconds,
     }
@@ -196,7 +205,9 @@ def main() -> None:
         for seed, variant in plan:
             r = run(variant, seed, args.steps, args.eval_every, Path(tmp), recipe)
             runs.append(r)
-            print(f"{variant:12s} seed {seed}: final val loss {r['final_val_loss']:.4f} "
+            fp32_gemms = r["final_val_loss_fp32_gemms"]
+            fp32_gemms = "" if fp32_gemms is None else f", {fp32_gemms:.4f} with FP32 GEMMs"
+            print(f"{variant:12s} seed {seed}: final val loss {r['final_val_loss']:.4f}{fp32_gemms} "
                   f"({r['seconds']:.0f} s, {r['skipped_steps']} skipped steps)", flush=True)  # fmt: skip
             relative = relative_to_fp32(runs)
             summary = {v: {"per_seed": rel, "mean": statistics.mean(rel)} for v, rel in relative.items()}
