@@ -156,15 +156,24 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
 
     palette = ("black", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown")
     colors = dict(zip(VARIANTS, palette, strict=True))
-    fig, (full, zoom) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (full, zoom, paired) = plt.subplots(1, 3, figsize=(16, 4))
+    base = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "fp32"}
     for r in runs:
         label = r["variant"] if r["seed"] == min(x["seed"] for x in runs if x["variant"] == r["variant"]) else None
+        style = {"color": colors[r["variant"]], "alpha": 0.8, "marker": "."}
         for ax in (full, zoom):
-            ax.plot(r["steps"], r["val_loss"], color=colors[r["variant"]], alpha=0.8, marker=".", label=label)
+            ax.plot(r["steps"], r["val_loss"], label=label, **style)
+        if r["variant"] != "fp32" and r["seed"] in base:
+            gap = [100.0 * (v / b - 1.0) for v, b in zip(r["val_loss"], base[r["seed"]], strict=True)]
+            paired.plot(r["steps"], gap, **style)
     tail = [v for r in runs for v in r["val_loss"][len(r["val_loss"]) // 2 :]]
     zoom.set_ylim(min(tail) - 0.02, max(tail) + 0.02)
     zoom.set_xlim(max(r["steps"][-1] for r in runs) / 2, None)
-    for ax, title in ((full, "validation loss (nats/byte)"), (zoom, "second half, zoomed")):
+    for bound in (-0.5, 0.5):
+        paired.axhline(bound, color="gray", linestyle="--", linewidth=1)
+    panels = ((full, "validation loss (nats/byte)"), (zoom, "second half, zoomed"),
+              (paired, "vs FP32 at the same seed (%; dashed: +-0.5 %)"))  # fmt: skip
+    for ax, title in panels:
         ax.set_xlabel("optimizer step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -189,7 +198,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/fp8_accuracy.json"))
     parser.add_argument("--png", type=Path, default=Path("benchmarks/fp8_accuracy.png"))
+    parser.add_argument("--plot-only", action="store_true", help="redraw --png from the runs in --json")
     args = parser.parse_args()
+    title = "stdlib_docs" if args.data == "stdlib" else "the successor-rule letters"
+    if args.plot_only:
+        plot(json.loads(args.json.read_text())["runs"], args.png, title)
+        return
     torch.set_num_threads(args.threads)
     successor = args.data == "successor"
     args.steps = args.steps or (120 if successor else 2000)
@@ -213,7 +227,7 @@ def main() -> None:
             summary = {v: {"per_seed": rel, "mean": statistics.mean(rel)} for v, rel in relative.items()}
             args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json), "png": str(args.png)},
                                              "relative_to_fp32": summary, "runs": runs}, indent=1))  # fmt: skip
-            plot(runs, args.png, "stdlib_docs" if args.data == "stdlib" else "the successor-rule letters")
+            plot(runs, args.png, title)
     print("\nvariant       final val loss / FP32 - 1, per seed (mean)")
     for variant, rel in relative.items():
         print(f"{variant:12s}  {' '.join(f'{x:+.2%}' for x in rel)}  ({statistics.mean(rel):+.2%})")
