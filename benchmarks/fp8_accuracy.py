@@ -171,8 +171,10 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     zoom.set_xlim(max(r["steps"][-1] for r in runs) / 2, None)
     for bound in (-0.5, 0.5):
         paired.axhline(bound, color="gray", linestyle="--", linewidth=1)
+    paired.set_yscale("symlog", linthresh=2.0)  # linear within +-2 %, where O1/O2 are; the controls compressed
+    paired.set_yticks([-2, -1, 0, 1, 2, 5, 10, 20, 40], labels=["-2", "-1", "0", "1", "2", "5", "10", "20", "40"])
     panels = ((full, "validation loss (nats/byte)"), (zoom, "second half, zoomed"),
-              (paired, "vs FP32 at the same seed (%; dashed: +-0.5 %)"))  # fmt: skip
+              (paired, "vs FP32 at the same seed (%, symlog; dashed: +-0.5 %)"))  # fmt: skip
     for ax, title in panels:
         ax.set_xlabel("optimizer step")
         ax.set_title(title)
