@@ -1,5 +1,5 @@
-"""FP8-LM's precision-decoupling finding, measured on a tiny GPT: FP8 O1/O2 train as well as FP32, while FP8 master
-weights (and, less so, an FP8 second moment) do not.
+"""FP8-LM's precision-decoupling finding, measured on a tiny GPT: how close FP8 O1/O2 train to FP32, against FP8
+master weights and an FP8 second moment, which the paper says must not be FP8.
 
 Every run is the same recipe through the one engine (:func:`swinlab.engine.fit`): ``gpt_nano`` (2 layers, width
 64) on the embedded standard-library docstring corpus, 64-byte windows, batch 16, AdamW (betas 0.9/0.95, weight
@@ -9,15 +9,19 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
 - ``O1`` / ``O2``: ``swinlab.fp8.initialize(model, optimizer, level)`` (FP8 GEMMs, E4M3 weight gradients, FP16
   master with a scale; O2 also keeps the first moment in E4M3 and the second in FP16, both scaled);
 - ``master_e4m3`` / ``m2_e4m3``: O2 with the master weights, or the second moment, stored as scaled E4M3, the
-  negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse).
+  negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse);
+- ``O1_fp32_master`` / ``O1_e4m3_grads`` (opt-in diagnostics): O1 with an FP32 master, or with E4M3 output
+  gradients, to see which part of O1 a gap to FP32 comes from.
 
 The score is the final validation loss relative to FP32 at the same seed (same initial weights, same batches, same
-validation windows). The JSON (rewritten after every run, so a stopped sweep keeps what it finished) holds every
-run; one PNG shows every validation curve.
+validation windows). Each FP8 run is also scored with its trained weights in FP32 GEMMs
+(``final_val_loss_fp32_gemms``), which separates FP8 training from FP8 inference. The JSON (rewritten after every
+run, so a stopped sweep keeps what it finished) holds every run; one PNG shows every validation curve and each
+run's gap to FP32 at its seed over training (``--plot-only`` redraws it from the JSON).
 
 Two data settings (``--data``):
 
-- ``stdlib`` (default): the real corpus, 2000 steps (2 M training bytes, ~2.4 passes over the 0.85 MB training
+- ``stdlib`` (default): the real corpus, 2000 steps (2.0 M training bytes, ~2.4 passes over the 0.84 MB training
   text), peak lr 3e-3 after 100 warm-up steps, cosine to 3e-4, scored on all 1462 held-out 64-byte windows (94 KB:
   every module's last 10 %). A short run (300 steps) ends near the plateau the model leaves at a seed-dependent
   moment, and a paired difference there measures that moment, not the precision; 2000 steps end past it, with
