@@ -334,3 +334,24 @@ def test_v2_short_clip_clamps_only_time():
     spatial window 4x4 instead of shrinking the whole window to 1 as the 2D Swin V2 rule would."""
     block = backbone(swin_version=2).layers[0].blocks[0]
     assert block.geometry((1, 8, 8)).window == (1, 4, 4)
+
+
+def test_v1_block_in_place_residuals_give_the_reference_gradients():
+    """The V1 block adds its residuals in place into the branch outputs; values and gradients must equal the
+    textbook ``x + f(norm(x))`` form."""
+    from swinlab.models.swin import SwinBlockV1
+
+    torch.manual_seed(0)
+    block = SwinBlockV1(16, 2, (2, 4, 4), (1, 2, 2)).train()
+    x = torch.randn(2, 4, 8, 8, 16, requires_grad=True)
+    out = block(x)
+    out.square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    x.grad = None
+    block.zero_grad()
+    h = x + block.window_attention(block.norm1(x))
+    ref = h + block.mlp(block.norm2(h))
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, [x.grad] + [p.grad for p in block.parameters()], strict=True):
+        torch.testing.assert_close(a, b)

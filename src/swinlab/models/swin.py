@@ -162,8 +162,9 @@ class SwinBlockV1(_SwinBlock):
         super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.window_attention(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Residuals added in place into the fresh branch outputs, as in the V2 block.
+        x = self.drop_path(self.window_attention(self.norm1(x))).add_(x)
+        return self.drop_path(self.mlp(self.norm2(x))).add_(x)
 
 
 class SwinStage(nn.Module):
