@@ -138,6 +138,9 @@ class TrainConfig:
     eval_every: int = 1
     tensorboard: bool = False
     compile: bool = False
+    """``torch.compile`` the model. Measure before using it for CPU training: compiled graphs run torch's default GEMM
+    (MKL on x86) instead of swinlab's oneDNN linears, and inductor's fresh buffers cost page faults
+    (``benchmarks/RESULTS.md``)."""
     log_every: int = 10
     max_steps_per_epoch: int | None = None
     """Cut each epoch short (smoke tests)."""
