@@ -1,11 +1,11 @@
 """A drop-in ``nn.Linear`` whose fp32 CPU GEMMs run through oneDNN.
 
-PyTorch's fp32 ``F.linear`` on CPU calls MKL's sgemm. On AMD processors MKL takes a generic code path, while
-oneDNN's JIT kernels (the ones inductor emits for CPU linears) use the widest vector units present: on the
-benchmark machine (AMD EPYC with AVX-512, 2 threads) a 2048x2048x2048 fp32 GEMM runs at 345 GFLOP/s through
-oneDNN against 143 GFLOP/s through MKL, and SwinV2-T's own linear shapes gain 1.3-2.4x forward, input- and
-weight-gradient alike. Results stay fp32 (relative error vs float64 5.7e-7, MKL 2.5e-7); they differ from MKL's
-only in summation order.
+PyTorch's fp32 ``F.linear`` on CPU calls MKL's sgemm, which on the benchmark machine (AMD EPYC Zen 5, AVX-512,
+2 threads) runs a 2048x2048x2048 GEMM at 143-181 GFLOP/s, while oneDNN's JIT kernels (the ones inductor emits for
+CPU linears, ``torch.ops.mkldnn._linear_pointwise``) use AVX-512 and reach 345-405 GFLOP/s; SwinV2-T's own linear
+shapes gain 1.3-2.4x forward, input- and weight-gradient alike. Results stay fp32 (relative error vs float64
+5.7e-7, MKL 2.5e-7); they differ from MKL's only in summation order. The op is internal to torch; a build without
+it simply runs everything through ``F.linear``.
 
 Everything outside that case (CUDA, other dtypes, autocast, ``torch.compile``, inputs oneDNN does not take, a
 build without oneDNN) goes to ``F.linear`` unchanged. ``SWINLAB_ONEDNN_LINEAR=0`` in the environment turns the
