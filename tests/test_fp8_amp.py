@@ -121,6 +121,18 @@ def test_unknown_grad_format_is_refused_before_the_model_changes():
     assert not fp8_names(model)
 
 
+def test_scaling_policy_reaches_every_layer_and_a_bad_one_is_refused_before_the_model_changes():
+    model = Tiny()
+    body = lambda module, fqn: fqn.startswith("body")
+    initialize(model, torch.optim.AdamW(model.parameters()), "O1", module_filter=body, scaling="current")
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert layers and {(m.input_meta.policy, m.grad_output_meta.policy) for m in layers} == {("current", "current")}
+    model = Tiny()
+    with pytest.raises(ValueError, match="unknown scaling policy 'dynamic'"):
+        initialize(model, torch.optim.AdamW(model.parameters()), "O1", scaling="dynamic")
+    assert not fp8_names(model)
+
+
 def test_engine_precision_seam_runs_swin_nano_in_fp8():
     model = swinlab.create_model("swinv2_nano_window4_32", num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -185,6 +185,26 @@ def test_eval_mode_uses_current_scaling_and_keeps_history():
     assert all(torch.equal(v, state[k]) for k, v in fp8.state_dict().items())
 
 
+@pytest.mark.parametrize("scaling", ["delayed", "current"])
+def test_scaling_policy_of_activations_and_output_grads(scaling):
+    """A 64x jump in amax saturates on a delayed scale (set by the previous step) but not on a current one."""
+    ref, fp8 = pair(32, 16, scaling=scaling)
+    assert {fp8.input_meta.policy, fp8.grad_output_meta.policy} == {scaling}
+    assert {fp8.weight_meta.policy, fp8.grad_weight_meta.policy} == {"current"}
+    run(fp8, torch.randn(8, 32), torch.randn(8, 16))
+    fp8.clear_flags()
+    x, grad = torch.randn(8, 32) * 64, torch.randn(8, 16) * 64
+    out, dx = run(fp8, x, grad)
+    out_ref, dx_ref = run(ref, x, grad)
+    saturated = bool(fp8.input_meta.found_saturation), bool(fp8.grad_output_meta.found_saturation)
+    if scaling == "current":
+        assert saturated == (False, False)
+        assert rel_l2(out, out_ref) < 0.05 and rel_l2(dx, dx_ref) < 0.08
+    else:
+        assert saturated == (True, True)
+        assert rel_l2(out, out_ref) > 0.2  # clipped to the stale range
+
+
 def test_unaligned_layer_warns_pads_and_stays_accurate(cuda_rules):
     with pytest.warns(UserWarning, match="multiples of 16"):
         ref, fp8 = pair(20, 36)
@@ -222,6 +242,8 @@ def test_injected_inf_in_output_grad():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="grad_mode"):
         FP8Linear(16, 16, grad_mode="bf16")
+    with pytest.raises(ValueError, match="unknown scaling policy 'dynamic'"):
+        FP8Linear(16, 16, scaling="dynamic")
     with pytest.raises(ValueError, match="last dim 16"):
         FP8Linear(16, 16)(torch.randn(2, 8))
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from swinlab.fp8.formats import E5M2, FP8Format, get_format
+from swinlab.fp8.formats import E5M2, SCALING_POLICIES, FP8Format, get_format
 from swinlab.fp8.linear import ALIGN, FP8Linear
 from swinlab.fp8.optim import check_convertible, convert_optimizer
 from swinlab.fp8.shard import require_process_group, shard_fp8_linears
@@ -139,6 +139,7 @@ def initialize(
     history_len: int = 16,
     margin: int = 0,
     grad_format: FP8Format | str = E5M2,
+    scaling: str = "delayed",
     master_dtype: torch.dtype | None = None,
     m1_dtype: torch.dtype | None = None,
     m2_dtype: torch.dtype | None = None,
@@ -155,7 +156,9 @@ def initialize(
     range first) or ``"e4m3"`` (its 3 mantissa bits keep the gradient GEMMs within 5 % of FP32, where E5M2's
     rounding alone costs ~5.3 %; ``benchmarks/bench_fp8_gemm.py``). ``grad_mode="fp8"`` leaves weight
     gradients as E4M3 in ``weight.fp8_grad`` (1 B/param); ``"dequantized"`` hands the same quantised values to
-    autograd as an FP32 ``.grad`` (4 B/param), for code that only knows ``.grad``.
+    autograd as an FP32 ``.grad`` (4 B/param), for code that only knows ``.grad``. ``scaling`` is the
+    activations' and output gradients' scaling policy, ``"delayed"`` (``history_len`` amaxes, FP8-LM) or
+    ``"current"`` (see :class:`FP8Linear`).
     """
     level = str(opt_level).upper()
     if level not in OPT_LEVELS:
@@ -170,6 +173,8 @@ def initialize(
     if optimizer is not None:
         check_convertible(optimizer)  # before touching the model, so a refused optimizer leaves it as it was
     grad_format = get_format(grad_format)  # an unknown name fails here, before the model is touched
+    if scaling not in SCALING_POLICIES:
+        raise ValueError(f"unknown scaling policy {scaling!r} (choose one of {', '.join(SCALING_POLICIES)})")
     convert_linears(
         model,
         module_filter or default_filter,
@@ -177,6 +182,7 @@ def initialize(
         history_len=history_len,
         margin=margin,
         grad_format=grad_format,
+        scaling=scaling,
     )
     if optimizer is not None:
         check_untied(model)

@@ -96,6 +96,9 @@ def compute_scale(amax: torch.Tensor, fmt: FP8Format, margin: int, previous: tor
     return torch.where(usable, scale, previous.to(scale.dtype))
 
 
+SCALING_POLICIES = ("delayed", "current")
+
+
 class ScalingMeta(nn.Module):
     """Per-tensor scaling state for one role (activation, weight, gradient) of one layer.
 
@@ -116,8 +119,8 @@ class ScalingMeta(nn.Module):
 
     def __init__(self, fmt: FP8Format | str, *, history_len: int = 16, margin: int = 0, policy: str = "delayed"):
         super().__init__()
-        if policy not in ("delayed", "current"):
-            raise ValueError(f"unknown scaling policy {policy!r} (choose 'delayed' or 'current')")
+        if policy not in SCALING_POLICIES:
+            raise ValueError(f"unknown scaling policy {policy!r} (choose one of {', '.join(SCALING_POLICIES)})")
         if history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {history_len}")
         if margin < 0:

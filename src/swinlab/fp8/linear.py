@@ -133,9 +133,11 @@ class FP8Linear(nn.Linear):
     first, as torchao's row-wise recipes). E5M2's round trip alone costs ~5.3% relative L2 on Gaussian data (E4M3:
     ~2.7%), which bounds the input/weight-gradient accuracy.
 
-    Activations and output gradients use delayed scaling (``history_len`` amaxes); weights and weight gradients
-    use current scaling. In eval mode every cast uses current scaling and the histories are left untouched.
-    Dims that are not multiples of 16 are zero-padded in every GEMM (with a warning here).
+    ``scaling`` is the activations' and output gradients' policy: ``"delayed"`` (FP8-LM / MS-AMP and Transformer
+    Engine's DelayedScaling: the max of the last ``history_len`` amaxes, values past a stale scale saturate) or
+    ``"current"`` (torchao's dynamic and Transformer Engine's current scaling: each cast from its own amax).
+    Weights and weight gradients always use current scaling. In eval mode every cast uses current scaling and the
+    histories are left untouched. Dims that are not multiples of 16 are zero-padded in every GEMM (with a warning here).
     """
 
     GRAD_MODES = ("fp8", "dequantized")
@@ -152,15 +154,16 @@ class FP8Linear(nn.Linear):
         margin: int = 0,
         grad_mode: str = "fp8",
         grad_format: FP8Format | str = E5M2,
+        scaling: str = "delayed",
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if grad_mode not in self.GRAD_MODES:
             raise ValueError(f"unknown grad_mode {grad_mode!r} (choose one of {', '.join(self.GRAD_MODES)})")
         self.grad_mode = grad_mode
         self.weight.fp8_weight = True
-        self.input_meta = ScalingMeta(E4M3, history_len=history_len, margin=margin, policy="delayed")
+        self.input_meta = ScalingMeta(E4M3, history_len=history_len, margin=margin, policy=scaling)
         self.weight_meta = ScalingMeta(E4M3, history_len=1, margin=margin, policy="current")
-        self.grad_output_meta = ScalingMeta(grad_format, history_len=history_len, margin=margin, policy="delayed")
+        self.grad_output_meta = ScalingMeta(grad_format, history_len=history_len, margin=margin, policy=scaling)
         self.grad_weight_meta = ScalingMeta(E4M3, history_len=1, margin=margin, policy="current")
         if self.weight.device.type != "meta":
             for meta in self.metas():

@@ -139,7 +139,8 @@ class ShardedFP8Linear(FP8Linear):
             raise ValueError("FP8 O3 keeps weight gradients as E4M3 shards: the layers need grad_mode='fp8'")
         history = layer.input_meta.amax_history.numel()
         sharded = cls.from_linear(layer, history_len=history, margin=layer.input_meta.margin,
-                                  grad_format=layer.grad_output_meta.fmt)  # fmt: skip
+                                  grad_format=layer.grad_output_meta.fmt,
+                                  scaling=layer.input_meta.policy)  # fmt: skip
         for name in META_NAMES:
             setattr(sharded, name, getattr(layer, name))
         spec = ShardSpec(tuple(layer.weight.shape), o3.group, dist.get_rank(o3.group), dist.get_world_size(o3.group))
