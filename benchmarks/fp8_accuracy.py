@@ -15,7 +15,9 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
 
 The score is the final validation loss relative to FP32 at the same seed (same initial weights, same batches, same
 validation windows). Each FP8 run is also scored with its trained weights in FP32 GEMMs
-(``final_val_loss_fp32_gemms``), which separates FP8 training from FP8 inference. The JSON (rewritten after every
+(``final_val_loss_fp32_gemms``), which separates FP8 training from FP8 inference; each FP32 run is scored with FP8
+GEMMs in all its FP8-eligible linears and in each alone (``final_val_loss_fp8_gemms``), which names the GEMM
+whose rounding the trained function is sensitive to. The JSON (rewritten after every
 run, so a stopped sweep keeps what it finished) holds every run; one PNG shows every validation curve and each
 run's gap to FP32 at its seed over training (``--plot-only`` redraws it from the JSON).
 
@@ -40,6 +42,7 @@ Two data settings (``--data``):
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import statistics
@@ -61,6 +64,19 @@ from swinlab.engine.tasks import LanguageModelingTask
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt_nano_stdlib.yaml"
 E4M3 = torch.float8_e4m3fn
+
+
+def qkv_in_high_precision(module: torch.nn.Module, fqn: str) -> bool:
+    """The default FP8 filter, but the attention's q/k/v projection (``attn.c_attn``) stays in FP32 GEMMs."""
+    return not fqn.endswith("attn.c_attn") and fp8.amp.default_filter(module, fqn)
+
+
+def first_block_in_high_precision(module: torch.nn.Module, fqn: str) -> bool:
+    """The default FP8 filter, but the first transformer block stays in FP32 GEMMs (Megatron-LM's
+    ``first_last_layers_bf16`` with one layer at the start)."""
+    return not fqn.startswith("transformer.h.0.") and fp8.amp.default_filter(module, fqn)
+
+
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "master_e4m3": {"opt_level": "O2", "master_dtype": E4M3},
@@ -69,9 +85,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "O2": {"opt_level": "O2"},
     "O1_fp32_master": {"opt_level": "O1", "master_dtype": torch.float32},
     "O1_e4m3_grads": {"opt_level": "O1", "grad_format": "e4m3"},
+    "O1_qkv_fp32": {"opt_level": "O1", "module_filter": qkv_in_high_precision},
+    "O1_current": {"opt_level": "O1", "scaling": "current"},
+    "O1_first_block_fp32": {"opt_level": "O1", "module_filter": first_block_in_high_precision},
 }
 """Variant name -> arguments of :func:`swinlab.fp8.initialize` (``None``: plain FP32)."""
-DIAGNOSTICS = ("O1_fp32_master", "O1_e4m3_grads")
+DIAGNOSTICS = ("O1_fp32_master", "O1_e4m3_grads", "O1_qkv_fp32", "O1_current", "O1_first_block_fp32")
 """Where O1's cost comes from: its FP16 master kept in FP32, or its E5M2 output gradients made E4M3 (opt-in)."""
 CONTROLS = ("master_e4m3", "m2_e4m3")
 SUCCESSOR_RECIPE = (
@@ -94,6 +113,18 @@ def successor_text(path: Path, length: int = 40_000, seed: int = 0) -> Path:
     return path
 
 
+def fp8_inference_losses(model: torch.nn.Module, loader: Any) -> dict[str, float]:
+    """Validation loss of FP32-trained weights with FP8 GEMMs in every linear FP8 would convert (``"all"``) and
+    in each such linear alone: which GEMM's E4M3 rounding the trained function is sensitive to."""
+    names = [fqn for fqn, module in model.named_modules() if fp8.amp.default_filter(module, fqn)]
+    losses = {}
+    for subset, keep in (("all", set(names)), *((name, {name}) for name in names)):
+        converted = copy.deepcopy(model)
+        fp8.initialize(converted, None, "O1", module_filter=lambda module, fqn, keep=keep: fqn in keep)
+        losses[subset] = run_evaluation(converted, LanguageModelingTask(), loader)["val_loss"]
+    return losses
+
+
 def run(
     variant: str, seed: int, steps: int, eval_every: int, out_dir: Path, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -112,7 +143,7 @@ def run(
     cfg = load_config(CONFIG, recipe)
     data = build(cfg.data, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # as swinlab.engine.train: the initial weights belong to the seed
-    model = swinlab.create_model(cfg.model.name, **data.model_kwargs)
+    model = swinlab.create_model(cfg.model.name, **data.model_kwargs, **cfg.model.kwargs)
     optimizer = build_optimizer(model, cfg.optim)
     spec = VARIANTS[variant]
     if spec is not None:
@@ -121,10 +152,12 @@ def run(
     result = fit(model, LanguageModelingTask(), optimizer, data.train_loader, data.val_loader, cfg)
     seconds = time.perf_counter() - start
     rows = list(csv.DictReader((Path(result["run_dir"]) / "metrics.csv").open()))
-    fp32_gemm_loss = None
-    if spec is not None:
+    fp32_gemm_loss = fp8_gemm_losses = None
+    if spec is None:
+        fp8_gemm_losses = fp8_inference_losses(model, data.val_loader)
+    else:
         # The trained weights again with FP32 GEMMs: how much of a gap is FP8 inference, not FP8 training.
-        plain = swinlab.create_model(cfg.model.name, **data.model_kwargs)
+        plain = swinlab.create_model(cfg.model.name, **data.model_kwargs, **cfg.model.kwargs)
         missing = plain.load_state_dict(model.state_dict(), strict=False).missing_keys  # FP8 metas are extra
         if missing:
             raise RuntimeError(f"FP8 state dict lacks {missing}")
@@ -137,6 +170,7 @@ def run(
         "train_loss": [float(r["train_loss"]) for r in rows],
         "final_val_loss": float(rows[-1]["val_loss"]),
         "final_val_loss_fp32_gemms": fp32_gemm_loss,
+        "final_val_loss_fp8_gemms": fp8_gemm_losses,
         "skipped_steps": sum(int(r["skipped_steps"]) for r in rows),
         "seconds": seconds,
     }
@@ -158,8 +192,9 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    palette = ("black", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown")
-    colors = dict(zip(VARIANTS, palette, strict=True))
+    palette = ("black", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan")
+    colors = dict(zip(VARIANTS, palette[: len(VARIANTS)], strict=True))
     fig, (full, zoom, paired) = plt.subplots(1, 3, figsize=(16, 4))
     base = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "fp32"}
     for r in runs:
@@ -201,6 +236,8 @@ def main() -> None:
                         help="seeds of the negative controls (far off by design: one seed shows it)")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v not in DIAGNOSTICS],
                         choices=list(VARIANTS), help=f"default: all but {', '.join(DIAGNOSTICS)}")  # fmt: skip
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="further recipe overrides, e.g. model.kwargs.n_embd=128")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/fp8_accuracy.json"))
     parser.add_argument("--png", type=Path, default=Path("benchmarks/fp8_accuracy.png"))
@@ -219,14 +256,17 @@ def main() -> None:
     plan += [(s, v) for v in args.variants if v in CONTROLS for s in args.control_seeds]
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = []
+        recipe = list(args.overrides)
         if successor:
-            recipe = [*SUCCESSOR_RECIPE, f"data.root={successor_text(Path(tmp) / 'successor.txt')}"]
+            recipe = [*recipe, *SUCCESSOR_RECIPE, f"data.root={successor_text(Path(tmp) / 'successor.txt')}"]
         for seed, variant in plan:
             r = run(variant, seed, args.steps, args.eval_every, Path(tmp), recipe)
             runs.append(r)
             fp32_gemms = r["final_val_loss_fp32_gemms"]
             fp32_gemms = "" if fp32_gemms is None else f", {fp32_gemms:.4f} with FP32 GEMMs"
+            if r["final_val_loss_fp8_gemms"]:
+                fp32_gemms = ", with FP8 GEMMs in " + ", ".join(
+                    f"{name} {loss:.4f}" for name, loss in r["final_val_loss_fp8_gemms"].items())
             print(f"{variant:12s} seed {seed}: final val loss {r['final_val_loss']:.4f}{fp32_gemms} "
                   f"({r['seconds']:.0f} s, {r['skipped_steps']} skipped steps)", flush=True)  # fmt: skip
             relative = relative_to_fp32(runs)
