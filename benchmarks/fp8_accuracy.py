@@ -11,7 +11,9 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
 - ``master_e4m3`` / ``m2_e4m3``: O2 with the master weights, or the second moment, stored as scaled E4M3, the
   negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse);
 - ``O1_fp32_master`` / ``O1_e4m3_grads`` (opt-in diagnostics): O1 with an FP32 master, or with E4M3 output
-  gradients, to see which part of O1 a gap to FP32 comes from.
+  gradients, to see which part of O1 a gap to FP32 comes from; ``O1_current``: current instead of delayed scaling
+  of activations and output gradients; ``O1_qkv_fp32`` / ``O1_first_block_fp32``: the attention's q/k/v
+  projections, or the first block (Megatron-LM's ``first_last_layers_bf16``), kept in FP32 GEMMs.
 
 The score is the final validation loss relative to FP32 at the same seed (same initial weights, same batches, same
 validation windows). Each FP8 run is also scored with its trained weights in FP32 GEMMs
