@@ -12,8 +12,8 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
   negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse);
 - ``O1_fp32_master`` / ``O1_e4m3_grads`` (opt-in diagnostics): O1 with an FP32 master, or with E4M3 output
   gradients, to see which part of O1 a gap to FP32 comes from; ``O1_current``: current instead of delayed scaling
-  of activations and output gradients; ``O1_qkv_fp32`` / ``O1_first_block_fp32``: the attention's q/k/v
-  projections, or the first block (Megatron-LM's ``first_last_layers_bf16``), kept in FP32 GEMMs.
+  of activations and output gradients; ``O1_qkv_fp32`` / ``O2_qkv_fp32`` / ``O1_first_block_fp32``: the
+  attention's q/k/v projections, or the first block (Megatron-LM's ``first_last_layers_bf16``), kept in FP32 GEMMs.
 
 The score is the final validation loss relative to FP32 at the same seed (same initial weights, same batches, same
 validation windows). Each FP8 run is also scored with its trained weights in FP32 GEMMs
@@ -88,11 +88,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "O1_fp32_master": {"opt_level": "O1", "master_dtype": torch.float32},
     "O1_e4m3_grads": {"opt_level": "O1", "grad_format": "e4m3"},
     "O1_qkv_fp32": {"opt_level": "O1", "module_filter": qkv_in_high_precision},
+    "O2_qkv_fp32": {"opt_level": "O2", "module_filter": qkv_in_high_precision},
     "O1_current": {"opt_level": "O1", "scaling": "current"},
     "O1_first_block_fp32": {"opt_level": "O1", "module_filter": first_block_in_high_precision},
 }
 """Variant name -> arguments of :func:`swinlab.fp8.initialize` (``None``: plain FP32)."""
-DIAGNOSTICS = ("O1_fp32_master", "O1_e4m3_grads", "O1_qkv_fp32", "O1_current", "O1_first_block_fp32")
+DIAGNOSTICS = ("O1_fp32_master", "O1_e4m3_grads", "O1_qkv_fp32", "O2_qkv_fp32", "O1_current", "O1_first_block_fp32")
 """Where O1's cost comes from: its FP16 master kept in FP32, or its E5M2 output gradients made E4M3 (opt-in)."""
 CONTROLS = ("master_e4m3", "m2_e4m3")
 SUCCESSOR_RECIPE = (
@@ -195,7 +196,7 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     import matplotlib.pyplot as plt
 
     palette = ("black", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink",
-               "tab:olive", "tab:cyan")
+               "tab:olive", "tab:cyan", "tab:gray")
     colors = dict(zip(VARIANTS, palette[: len(VARIANTS)], strict=True))
     fig, (full, zoom, paired) = plt.subplots(1, 3, figsize=(16, 4))
     base = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "fp32"}

@@ -16,11 +16,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def final_losses(tmp_path_factory) -> dict[str, float]:
+def runs(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("fp8_accuracy")
     recipe = [*fp8_accuracy.SUCCESSOR_RECIPE, f"data.root={fp8_accuracy.successor_text(tmp / 'successor.txt')}"]
     runs = {v: fp8_accuracy.run(v, 0, 120, 60, tmp, recipe) for v in ("fp32", "O2", "master_e4m3")}
     assert all(r["skipped_steps"] == 0 for r in runs.values())
+    return runs
+
+
+@pytest.fixture(scope="module")
+def final_losses(runs) -> dict[str, float]:
     return {v: r["final_val_loss"] for v, r in runs.items()}
 
 
@@ -31,3 +36,13 @@ def test_fp8_o2_matches_fp32(final_losses):
 
 def test_e4m3_master_weights_are_clearly_worse(final_losses):
     assert final_losses["master_e4m3"] >= 1.05 * final_losses["fp32"]
+
+
+def test_fp32_run_is_scored_with_fp8_gemms_in_all_and_in_each_linear(runs, final_losses):
+    per_gemm = runs["fp32"]["final_val_loss_fp8_gemms"]
+    blocks = [f"transformer.h.{i}.{name}" for i in (0, 1) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                        "mlp.c_proj")]  # fmt: skip
+    assert list(per_gemm) == ["all", *blocks]  # lm_head (tied) and embeddings stay out, as in training
+    assert per_gemm["all"] != final_losses["fp32"]  # the FP8 copy really ran E4M3 GEMMs
+    assert all(loss == pytest.approx(final_losses["fp32"], rel=0.05) for loss in per_gemm.values())
+    assert runs["O2"]["final_val_loss_fp8_gemms"] is None
