@@ -82,14 +82,16 @@ def _records_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _on_rows(fn, x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+    """``fn`` (a 2D linear) applied to the rows of an N-D ``x``."""
+    return fn(x.reshape(-1, x.shape[-1]), weight, *args).view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with fp32 CPU GEMMs (forward and backward) through oneDNN; see the module docstring."""
     if not _takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1])
-    record = _records_grad(x, weight, bias)
-    out = _OneDNNLinear.apply(flat, weight, bias) if record else _onednn(flat, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return _on_rows(_OneDNNLinear.apply if _records_grad(x, weight, bias) else _onednn, x, weight, bias)
 
 
 def linear_gelu(
@@ -101,8 +103,7 @@ def linear_gelu(
     if _records_grad(x, weight, bias):
         return F.gelu(linear(x, weight, bias), approximate=approximate)
     if _takes_onednn(x, weight, bias):
-        out = _onednn(x.reshape(-1, x.shape[-1]), weight, bias, gelu=approximate)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return _on_rows(_onednn, x, weight, bias, approximate)
     return torch.ops.aten.gelu_(F.linear(x, weight, bias), approximate=approximate)
 
 
