@@ -106,12 +106,14 @@ def test_grad_format_reaches_every_layer_from_initialize_and_from_the_config(gra
     initialize(model, module_filter=lambda module, fqn: fqn.startswith("body"), grad_format=grad_format)
     assert {model.body[i].grad_output_meta.fmt.name for i in (0, 2)} == {grad_format}
     cfg = load_config(Path(__file__).parents[1] / "configs" / "gpt_nano_stdlib.yaml",
-                      ["precision=fp8-o2", f"fp8.grad_format={grad_format}", "fp8.history_len=4"])  # fmt: skip
+                      ["precision=fp8-o2", f"fp8.grad_format={grad_format}", "fp8.history_len=4",
+                       "fp8.scaling=current"])  # fmt: skip
     gpt = swinlab.create_model(cfg.model.name)
     gpt, _, _ = precision.wrap(gpt, torch.optim.AdamW(gpt.parameters()), cfg.precision, cfg.fp8)
     layers = [m for m in gpt.modules() if isinstance(m, FP8Linear)]
     assert layers and {m.grad_output_meta.fmt.name for m in layers} == {grad_format}
     assert {m.input_meta.amax_history.numel() for m in layers} == {4}
+    assert {m.input_meta.policy for m in layers} == {"current"}
 
 
 def test_unknown_grad_format_is_refused_before_the_model_changes():

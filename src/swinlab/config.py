@@ -97,8 +97,7 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FP8Config:
-    """The FP8 recipe of ``precision=fp8-o1|o2|o3`` (keywords of ``swinlab.fp8.initialize``): the same three knobs
-    as TransformerEngine's delayed-scaling recipe."""
+    """The FP8 recipe of ``precision=fp8-o1|o2|o3`` (keywords of ``swinlab.fp8.initialize``)."""
 
     grad_format: str = "e5m2"
     """Output-gradient format: ``e5m2`` (FP8-LM / MS-AMP: range first; its rounding alone costs ~5.3 % relative
@@ -107,6 +106,9 @@ class FP8Config:
     """Amaxes remembered by delayed scaling (activations, output gradients)."""
     margin: int = 0
     """Scales leave ``2**margin`` head-room below the format's maximum."""
+    scaling: str = "delayed"
+    """Activation / output-gradient scales: ``delayed`` (from the amax history, FP8-LM's default) or ``current``
+    (from the tensor being cast)."""
 
 
 @dataclass(frozen=True, kw_only=True)
