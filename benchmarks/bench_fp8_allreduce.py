@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from swinlab.engine.distributed import process_group
 from swinlab.fp8.comm import FP8CommState, fp8_allreduce_hook
 
 EXPONENTS = range(-8, 5)
@@ -125,18 +125,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed backward+reduce calls per case")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
+    with process_group():  # gloo on CPU, nccl on CUDA
         results = run(args.repeats)
         if dist.get_rank() == 0:
             print_table(results)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

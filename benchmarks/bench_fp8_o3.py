@@ -14,13 +14,13 @@ all-gathers, FP8 gradient reduce-scatters, amaxes, replicated gradients), per pa
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
 import torch.distributed as dist
 
 from bench_fp8_memory import SHORT, build, make_batch, train_step
+from swinlab.engine.distributed import process_group
 from swinlab.fp8 import memory_report
 from swinlab.fp8.memory import ROLES
 from swinlab.fp8.shard import sharded_layers
@@ -63,10 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
+    with process_group():  # gloo on CPU, nccl on CUDA
         main_rank = dist.get_rank() == 0
         if main_rank:
             roles = " | ".join(SHORT[role] for role in ROLES)
@@ -80,8 +77,6 @@ def main() -> None:
             rows = measure(name, batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
             if main_rank:
                 print("\n".join(rows), flush=True)
-    finally:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -98,17 +98,17 @@ def run_tiny(cfg: TrainConfig, batch_size: int, *, env=None, drop: float = 0.0, 
 
 
 def main(output_dir: str, result_path: str) -> None:
-    from swinlab.engine.distributed import init_distributed, shutdown
+    from swinlab.engine.distributed import process_group
 
     torch.set_num_threads(1)
-    env = init_distributed("cpu")
-    try:
-        model, result = run_tiny(tiny_config(output_dir), batch_size=4, env=env)
-        if env.is_main:
-            torch.save({"state_dict": model.state_dict(), "result": result}, result_path)
-    finally:
-        shutdown(env)
+    with process_group("cpu") as env:
+        save_run(output_dir, result_path, env)
 
+
+def save_run(output_dir: str, result_path: str, env) -> None:
+    model, result = run_tiny(tiny_config(output_dir), batch_size=4, env=env)
+    if env.is_main:
+        torch.save({"state_dict": model.state_dict(), "result": result}, result_path)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])

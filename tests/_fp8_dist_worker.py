@@ -246,15 +246,17 @@ def o3_run() -> dict:
 
 
 def main(mode: str, out_path: str, *args: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    try:
-        result = {"comm": comm_checks, "engine": engine_run, "o3": o3_run, "engine_o3": engine_o3_resume}[mode](*args)
-        if dist.get_rank() == 0:
-            torch.save(result, out_path)
-    finally:
-        dist.destroy_process_group()
+    from swinlab.engine.distributed import process_group
 
+    torch.set_num_threads(1)
+    with process_group("cpu"):
+        run_mode(mode, out_path, *args)
+
+
+def run_mode(mode: str, out_path: str, *args: str) -> None:
+    result = {"comm": comm_checks, "engine": engine_run, "o3": o3_run, "engine_o3": engine_o3_resume}[mode](*args)
+    if dist.get_rank() == 0:
+        torch.save(result, out_path)
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

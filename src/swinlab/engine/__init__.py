@@ -7,12 +7,12 @@ Public surface:
 - tasks: :class:`Task` (protocol), :class:`ClassificationTask`, :class:`LanguageModelingTask`
 - parts: :func:`build_model`, :func:`build_optimizer`, :func:`param_groups`, :class:`LRSchedule`,
   :func:`build_schedule`, :mod:`~swinlab.engine.precision` (``wrap``), :func:`save_checkpoint`, :func:`load_checkpoint`,
-  :class:`CheckpointError`, :class:`DistEnv`, :func:`init_distributed`
+  :class:`CheckpointError`, :class:`DistEnv`, :func:`init_distributed`, :func:`process_group`
 """
 
 from swinlab.engine import precision
 from swinlab.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from swinlab.engine.distributed import DistEnv, init_distributed
+from swinlab.engine.distributed import DistEnv, init_distributed, process_group
 from swinlab.engine.loop import fit, run_evaluation
 from swinlab.engine.optim import build_optimizer, param_groups
 from swinlab.engine.schedule import LRSchedule, build_schedule
@@ -37,6 +37,7 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the module docstring
     "build_optimizer",
     "build_schedule",
     "init_distributed",
+    "process_group",
     "load_checkpoint",
     "param_groups",
     "precision",

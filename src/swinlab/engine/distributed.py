@@ -7,8 +7,10 @@ and never touches ``torch.distributed``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -67,9 +69,28 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistEnv]:
+    """:func:`init_distributed` for the ``with`` block, then leave the group in step with the other ranks.
+
+    On the way out, garbage is collected first: a DDP reducer caught in a reference cycle still holds the group,
+    and if it were only freed at interpreter exit, after the group is gone, a gloo rank can abort ("terminate
+    called without an active exception"). After a clean block the ranks then meet at a barrier, so one that
+    finished early does not close connections a peer is still using; after an error they do not (a failed peer
+    would never arrive). Run the work in a function called inside the block, so its locals (the model) are
+    freed before the group is left.
+    """
+    env = init_distributed(device)
+    clean = False
+    try:
+        yield env
+        clean = True
+    finally:
+        if env.distributed and dist.is_initialized():
+            gc.collect()
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, env: DistEnv, precision: str = "fp32") -> nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 from swinlab.config import TrainConfig, apply_overrides, from_dict
 from swinlab.engine import precision
 from swinlab.engine.checkpoint import load_checkpoint
-from swinlab.engine.distributed import DistEnv, init_distributed, shutdown
+from swinlab.engine.distributed import DistEnv, process_group
 from swinlab.engine.loop import fit, run_evaluation
 from swinlab.engine.optim import build_optimizer
 from swinlab.engine.tasks import ClassificationTask, LanguageModelingTask, Task
@@ -101,22 +101,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ``cfg.output_dir/checkpoint.pt`` when ``cfg.resume`` is set and the file exists.
     """
     configure_runtime(cfg)
-    env = init_distributed(cfg.device)
-    try:
-        data = _build_data(cfg, env)
-        torch.manual_seed(cfg.seed)  # the initial weights are part of the recipe (and equal on every rank)
-        model = build_model(cfg, data, env.device, pretrained=cfg.model.pretrained)
-        optimizer = build_optimizer(model, cfg.optim)
-        model, optimizer, autocast = precision.wrap(model, optimizer, cfg.precision, cfg.fp8)
-        if env.is_main:
-            print(_describe(cfg, model, data, env), flush=True)
-        if cfg.compile:
-            model = torch.compile(model)
-        task = _build_task(cfg, _num_classes(cfg, data), data.kind)
-        loaders = data.train_loader, data.val_loader
-        return fit(model, task, optimizer, *loaders, cfg, env=env, autocast=autocast)
-    finally:
-        shutdown(env)
+    with process_group(cfg.device) as env:
+        return _train(cfg, env)
+
+
+def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
+    data = _build_data(cfg, env)
+    torch.manual_seed(cfg.seed)  # the initial weights are part of the recipe (and equal on every rank)
+    model = build_model(cfg, data, env.device, pretrained=cfg.model.pretrained)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer, autocast = precision.wrap(model, optimizer, cfg.precision, cfg.fp8)
+    if env.is_main:
+        print(_describe(cfg, model, data, env), flush=True)
+    if cfg.compile:
+        model = torch.compile(model)
+    task = _build_task(cfg, _num_classes(cfg, data), data.kind)
+    return fit(model, task, optimizer, data.train_loader, data.val_loader, cfg, env=env, autocast=autocast)
 
 
 def _checkpoint_path(run_or_checkpoint: str | Path) -> Path:
@@ -135,17 +135,18 @@ def evaluate(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> di
     ckpt = load_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, overrides)
     configure_runtime(cfg)
-    env = init_distributed(cfg.device)
-    try:
-        data = _build_data(cfg, env)
-        model = build_model(cfg, data, env.device, pretrained=None)
-        # Wrap first: a precision (e.g. FP8) may add state of its own that the checkpoint holds.
-        model, _, autocast = precision.wrap(model, None, cfg.precision, cfg.fp8)
-        model.load_state_dict(ckpt["model"])
-        task = _build_task(cfg, _num_classes(cfg, data), data.kind)
-        metrics = run_evaluation(model, task, data.val_loader, env, autocast)
-    finally:
-        shutdown(env)
+    with process_group(cfg.device) as env:
+        metrics = _evaluate(cfg, ckpt["model"], env)
     if env.is_main:
         print(" ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     return {**metrics, "epoch": ckpt["epoch"], "checkpoint": str(path)}
+
+
+def _evaluate(cfg: TrainConfig, state_dict: dict[str, Any], env: DistEnv) -> dict[str, float]:
+    data = _build_data(cfg, env)
+    model = build_model(cfg, data, env.device, pretrained=None)
+    # Wrap first: a precision (e.g. FP8) may add state of its own that the checkpoint holds.
+    model, _, autocast = precision.wrap(model, None, cfg.precision, cfg.fp8)
+    model.load_state_dict(state_dict)
+    task = _build_task(cfg, _num_classes(cfg, data), data.kind)
+    return run_evaluation(model, task, data.val_loader, env, autocast)
