@@ -91,6 +91,20 @@ def test_opt_level_errors():
     assert not fp8_names(model)  # a refused call leaves the model alone
 
 
+@pytest.mark.parametrize(("capability", "accepted"), [((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)])
+def test_gpus_without_fp8_tensor_cores_are_refused_by_name(monkeypatch, capability, accepted):
+    from swinlab.fp8.linear import require_fp8_gemm
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    require_fp8_gemm("cpu")  # CPU emulates _scaled_mm, whatever the GPU
+    if accepted:
+        require_fp8_gemm("cuda:0")
+    else:
+        with pytest.raises(RuntimeError, match=rf"8\.9 or newer .*A100.* is {capability[0]}\.{capability[1]}: .*bf16"):
+            require_fp8_gemm("cuda:0")
+
+
 def test_unaligned_linears_kept_out_by_default_are_named_in_one_warning():
     model = nn.Sequential(nn.Linear(64, 100), nn.Linear(100, 64), nn.Linear(64, 64), nn.Linear(256, 8))
     with pytest.warns(UserWarning, match=r"kept 2 linear\(s\) .* 0 \(64->100\), 1 \(100->64\);") as caught:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from swinlab.fp8.formats import E5M2, SCALING_POLICIES, FP8Format, get_format
-from swinlab.fp8.linear import ALIGN, FP8Linear
+from swinlab.fp8.linear import ALIGN, FP8Linear, require_fp8_gemm
 from swinlab.fp8.optim import check_convertible, convert_optimizer
 from swinlab.fp8.shard import require_process_group, shard_fp8_linears
 from swinlab.layers.linear import Linear
@@ -175,6 +175,8 @@ def initialize(
     grad_format = get_format(grad_format)  # an unknown name fails here, before the model is touched
     if scaling not in SCALING_POLICIES:
         raise ValueError(f"unknown scaling policy {scaling!r} (choose one of {', '.join(SCALING_POLICIES)})")
+    for device in {p.device for p in model.parameters()}:
+        require_fp8_gemm(device)
     convert_linears(
         model,
         module_filter or default_filter,

@@ -22,6 +22,25 @@ from swinlab.fp8.formats import E4M3, E5M2, FP8Format, ScalingMeta, storage_form
 from swinlab.fp8.tensor import ScaledFP8, quantize, quantize_current
 
 ALIGN = 16
+MIN_CUDA_CAPABILITY = (8, 9)
+"""FP8 tensor cores arrived with Ada (sm_89) and Hopper (sm_90); older GPUs have no FP8 ``_scaled_mm``."""
+
+
+def require_fp8_gemm(device: torch.device | str) -> None:
+    """Refuse, before any training, a GPU that cannot run FP8 GEMMs (CPU emulates ``_scaled_mm``: accepted).
+
+    Without this, an A100 or V100 fails deep inside cuBLAS on the first forward pass.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) < MIN_CUDA_CAPABILITY:
+        raise RuntimeError(
+            f"FP8 GEMMs need a GPU of compute capability {'.'.join(map(str, MIN_CUDA_CAPABILITY))} or newer "
+            f"(Ada, Hopper, Blackwell); {torch.cuda.get_device_name(device)} ({device}) is "
+            f"{capability[0]}.{capability[1]}: train it with precision bf16 instead"
+        )
 
 
 def _round_up(n: int, multiple: int = ALIGN) -> int:
