@@ -7,13 +7,14 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
 
 - ``fp32``: the baseline;
 - ``O1`` / ``O2``: ``swinlab.fp8.initialize(model, optimizer, level)`` (FP8 GEMMs, E4M3 weight gradients, FP16
-  master with a scale; O2 also keeps the first moment in E4M3 and the second in FP16, both scaled);
+  master with a scale; O2 also keeps the first moment in E4M3 and the second in FP16, both scaled), with GPT's
+  own policy of keeping its first block in FP32 GEMMs (``GPT.fp8_high_precision``);
 - ``master_e4m3`` / ``m2_e4m3``: O2 with the master weights, or the second moment, stored as scaled E4M3, the
   negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse);
-- ``O1_fp32_master`` / ``O1_e4m3_grads`` (opt-in diagnostics): O1 with an FP32 master, or with E4M3 output
-  gradients, to see which part of O1 a gap to FP32 comes from; ``O1_current``: current instead of delayed scaling
-  of activations and output gradients; ``O1_qkv_fp32`` / ``O2_qkv_fp32`` / ``O1_first_block_fp32``: the
-  attention's q/k/v projections, or the first block (Megatron-LM's ``first_last_layers_bf16``), kept in FP32 GEMMs.
+- opt-in diagnostics of where all-FP8 O1/O2 lose: ``O1_all_fp8`` / ``O2_all_fp8`` (every eligible linear in FP8,
+  the first block too); with all linears FP8, ``O1_fp32_master`` (an FP32 master), ``O1_e4m3_grads`` (E4M3
+  output gradients), ``O1_current`` (current instead of delayed scaling); ``O1_qkv_fp32`` / ``O2_qkv_fp32``
+  (only the two q/k/v projections in FP32) and ``O2_first_qkv_fp32`` (only the first block's).
 
 The score is the final validation loss relative to FP32 at the same seed (same initial weights, same batches, same
 validation windows). Each FP8 run is also scored with its trained weights in FP32 GEMMs
@@ -51,6 +52,8 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -68,33 +71,28 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt_nano_stdlib.yaml
 E4M3 = torch.float8_e4m3fn
 
 
-def qkv_in_high_precision(module: torch.nn.Module, fqn: str) -> bool:
-    """The default FP8 filter, but the attention's q/k/v projection (``attn.c_attn``) stays in FP32 GEMMs."""
-    return not fqn.endswith("attn.c_attn") and fp8.amp.default_filter(module, fqn)
-
-
-def first_block_in_high_precision(module: torch.nn.Module, fqn: str) -> bool:
-    """The default FP8 filter, but the first transformer block stays in FP32 GEMMs (Megatron-LM's
-    ``first_last_layers_bf16`` with one layer at the start)."""
-    return not fqn.startswith("transformer.h.0.") and fp8.amp.default_filter(module, fqn)
-
-
+ALL_FP8 = {"high_precision": ()}
+"""Every linear the default filter accepts in FP8, GPT's first block too (the policy before GPT kept it)."""
+QKV = ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn")
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "master_e4m3": {"opt_level": "O2", "master_dtype": E4M3},
     "m2_e4m3": {"opt_level": "O2", "m2_dtype": E4M3},
     "O1": {"opt_level": "O1"},
     "O2": {"opt_level": "O2"},
-    "O1_fp32_master": {"opt_level": "O1", "master_dtype": torch.float32},
-    "O1_e4m3_grads": {"opt_level": "O1", "grad_format": "e4m3"},
-    "O1_qkv_fp32": {"opt_level": "O1", "module_filter": qkv_in_high_precision},
-    "O2_qkv_fp32": {"opt_level": "O2", "module_filter": qkv_in_high_precision},
-    "O1_current": {"opt_level": "O1", "scaling": "current"},
-    "O1_first_block_fp32": {"opt_level": "O1", "module_filter": first_block_in_high_precision},
+    "O1_all_fp8": {"opt_level": "O1", **ALL_FP8},
+    "O2_all_fp8": {"opt_level": "O2", **ALL_FP8},
+    "O1_fp32_master": {"opt_level": "O1", "master_dtype": torch.float32, **ALL_FP8},
+    "O1_e4m3_grads": {"opt_level": "O1", "grad_format": "e4m3", **ALL_FP8},
+    "O1_current": {"opt_level": "O1", "scaling": "current", **ALL_FP8},
+    "O1_qkv_fp32": {"opt_level": "O1", "high_precision": QKV},
+    "O2_qkv_fp32": {"opt_level": "O2", "high_precision": QKV},
+    "O2_first_qkv_fp32": {"opt_level": "O2", "high_precision": QKV[:1]},
 }
 """Variant name -> arguments of :func:`swinlab.fp8.initialize` (``None``: plain FP32)."""
-DIAGNOSTICS = ("O1_fp32_master", "O1_e4m3_grads", "O1_qkv_fp32", "O2_qkv_fp32", "O1_current", "O1_first_block_fp32")
-"""Where O1's cost comes from: its FP16 master kept in FP32, or its E5M2 output gradients made E4M3 (opt-in)."""
+DIAGNOSTICS = tuple(v for v in VARIANTS if v not in ("fp32", "master_e4m3", "m2_e4m3", "O1", "O2"))
+"""Opt-in: where the gap of all-FP8 O1/O2 comes from (the master, the gradient format, the scaling policy, the
+attention's q/k/v projections)."""
 CONTROLS = ("master_e4m3", "m2_e4m3")
 SUCCESSOR_RECIPE = (
     "data.name=text", "data.seq_len=32", "data.val_limit=64", "optim.lr=5e-4", "optim.schedule=constant",
@@ -123,7 +121,7 @@ def fp8_inference_losses(model: torch.nn.Module, loader: Any) -> dict[str, float
     losses = {}
     for subset, keep in (("all", set(names)), *((name, {name}) for name in names)):
         converted = copy.deepcopy(model)
-        fp8.initialize(converted, None, "O1", module_filter=lambda module, fqn, keep=keep: fqn in keep)
+        fp8.initialize(converted, None, "O1", module_filter=lambda module, fqn, keep=keep: fqn in keep, **ALL_FP8)
         losses[subset] = run_evaluation(converted, LanguageModelingTask(), loader)["val_loss"]
     return losses
 
@@ -196,7 +194,7 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     import matplotlib.pyplot as plt
 
     palette = ("black", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink",
-               "tab:olive", "tab:cyan", "tab:gray")
+               "tab:olive", "tab:cyan", "tab:gray", "gold", "navy")
     colors = dict(zip(VARIANTS, palette[: len(VARIANTS)], strict=True))
     fig, (full, zoom, paired) = plt.subplots(1, 3, figsize=(16, 4))
     base = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "fp32"}
@@ -229,6 +227,22 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     plt.close(fig)
 
 
+def run_in_process(threads: int, *args: Any) -> dict[str, Any]:
+    """:func:`run` in a worker process of ``--jobs``, with its own thread count."""
+    torch.set_num_threads(threads)
+    return run(*args)
+
+
+def report(r: dict[str, Any]) -> None:
+    fp32_gemms = r["final_val_loss_fp32_gemms"]
+    fp32_gemms = "" if fp32_gemms is None else f", {fp32_gemms:.4f} with FP32 GEMMs"
+    if r["final_val_loss_fp8_gemms"]:
+        fp32_gemms = ", with FP8 GEMMs in " + ", ".join(
+            f"{name} {loss:.4f}" for name, loss in r["final_val_loss_fp8_gemms"].items())
+    print(f"{r['variant']:12s} seed {r['seed']}: final val loss {r['final_val_loss']:.4f}{fp32_gemms} "
+          f"({r['seconds']:.0f} s, {r['skipped_steps']} skipped steps)", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=("stdlib", "successor"), default="stdlib")
@@ -241,7 +255,9 @@ def main() -> None:
                         choices=list(VARIANTS), help=f"default: all but {', '.join(DIAGNOSTICS)}")  # fmt: skip
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="further recipe overrides, e.g. model.kwargs.n_embd=128")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each its own process (results do not depend on it)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=Path("benchmarks/fp8_accuracy.json"))
     parser.add_argument("--png", type=Path, default=Path("benchmarks/fp8_accuracy.png"))
     parser.add_argument("--plot-only", action="store_true", help="redraw --png from the runs in --json")
@@ -258,20 +274,17 @@ def main() -> None:
     plan = [(s, v) for s in args.seeds for v in args.variants if v not in CONTROLS]
     plan += [(s, v) for v in args.variants if v in CONTROLS for s in args.control_seeds]
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         recipe = list(args.overrides)
         if successor:
             recipe = [*recipe, *SUCCESSOR_RECIPE, f"data.root={successor_text(Path(tmp) / 'successor.txt')}"]
-        for seed, variant in plan:
-            r = run(variant, seed, args.steps, args.eval_every, Path(tmp), recipe)
+        pending = [pool.submit(run_in_process, args.threads, variant, seed, args.steps, args.eval_every, Path(tmp),
+                               recipe) for seed, variant in plan]  # fmt: skip
+        for future in as_completed(pending):
+            r = future.result()
             runs.append(r)
-            fp32_gemms = r["final_val_loss_fp32_gemms"]
-            fp32_gemms = "" if fp32_gemms is None else f", {fp32_gemms:.4f} with FP32 GEMMs"
-            if r["final_val_loss_fp8_gemms"]:
-                fp32_gemms = ", with FP8 GEMMs in " + ", ".join(
-                    f"{name} {loss:.4f}" for name, loss in r["final_val_loss_fp8_gemms"].items())
-            print(f"{variant:12s} seed {seed}: final val loss {r['final_val_loss']:.4f}{fp32_gemms} "
-                  f"({r['seconds']:.0f} s, {r['skipped_steps']} skipped steps)", flush=True)  # fmt: skip
+            runs.sort(key=lambda x: plan.index((x["seed"], x["variant"])))
+            report(r)
             relative = relative_to_fp32(runs)
             summary = {v: {"per_seed": rel, "mean": statistics.mean(rel)} for v, rel in relative.items()}
             args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json), "png": str(args.png)},

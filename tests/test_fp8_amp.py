@@ -130,6 +130,17 @@ def test_grad_format_reaches_every_layer_from_initialize_and_from_the_config(gra
     assert {m.input_meta.policy for m in layers} == {"current"}
 
 
+@pytest.mark.parametrize(("setting", "fp8_blocks"), [(None, {"1"}), ("[]", {"0", "1"}), ("[transformer.h.1]", {"0"})])
+def test_config_high_precision_overrides_the_models_own_choice(setting, fp8_blocks):
+    from swinlab.config import load_config
+
+    overrides = ["precision=fp8-o1"] + ([f"fp8.high_precision={setting}"] if setting else [])
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "gpt_nano_stdlib.yaml", overrides)
+    gpt = swinlab.create_model(cfg.model.name)
+    gpt, _, _ = precision.wrap(gpt, torch.optim.AdamW(gpt.parameters()), cfg.precision, cfg.fp8)
+    assert {name.split(".")[2] for name in fp8_names(gpt)} == fp8_blocks
+
+
 def test_unknown_grad_format_is_refused_before_the_model_changes():
     model = Tiny()
     with pytest.raises(ValueError, match="unknown FP8 format 'bf16'"):

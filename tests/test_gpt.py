@@ -125,15 +125,27 @@ def test_info_on_175b_allocates_nothing(capsys):
     assert "meta device" in out and "174604.26 M" in out and "2x2048" in out
 
 
-def test_fp8_o1_swaps_block_linears_but_not_the_tied_head():
+def test_fp8_o1_swaps_block_linears_but_not_the_tied_head_nor_the_first_block():
     from swinlab.fp8 import FP8Linear
 
+    def swapped(model):
+        return {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+    def block_linears(*blocks):
+        names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        return {f"transformer.h.{i}.{name}" for i in blocks for name in names}
+
     model, _ = swinlab.fp8.initialize(swinlab.create_model("gpt_nano"), None, "O1")
-    swapped = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
-    assert swapped == {f"transformer.h.{i}.{p}" for i in range(2) for p in
-                       ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+    assert swapped(model) == block_linears(1)  # GPT.fp8_high_precision: the first block stays FP32
     assert model.lm_head.weight is model.transformer.wte.weight
     assert torch.isfinite(model(torch.randint(0, 256, (2, 32)))).all()
+    everything, _ = swinlab.fp8.initialize(swinlab.create_model("gpt_nano"), None, "O1", high_precision=())
+    assert swapped(everything) == block_linears(0, 1)
+    one_layer = swinlab.create_model("gpt_nano", n_layer=1)
+    with pytest.warns(UserWarning, match="no linear of the model became FP8"):
+        swinlab.fp8.initialize(one_layer, None, "O1")
+    with pytest.raises(ValueError, match=r"no module named 'transformer\.h\.7'"):
+        swinlab.fp8.initialize(swinlab.create_model("gpt_nano"), None, "O1", high_precision=["transformer.h.7"])
 
 
 def test_train_and_eval_a_tiny_lm_run(tmp_path, capsys):

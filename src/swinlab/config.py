@@ -109,6 +109,9 @@ class FP8Config:
     scaling: str = "delayed"
     """Activation / output-gradient scales: ``delayed`` (from the amax history, FP8-LM's default) or ``current``
     (from the tensor being cast)."""
+    high_precision: tuple[str, ...] | None = None
+    """Module names whose linears stay out of FP8; ``null``: the model's own choice (GPT: its first block),
+    ``[]``: every eligible linear in FP8."""
 
 
 @dataclass(frozen=True, kw_only=True)

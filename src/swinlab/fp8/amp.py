@@ -18,7 +18,7 @@ needs an initialised process group (torchrun) and replaces each FP8Linear by a S
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -66,14 +66,40 @@ def _kept_because(module: nn.Module, fqn: str) -> str | None:
     return None
 
 
-def convert_linears(model: nn.Module, module_filter: ModuleFilter = default_filter, **kwargs) -> list[str]:
+def model_high_precision(model: nn.Module) -> tuple[str, ...]:
+    """The modules a model keeps out of FP8 by its own measured policy: ``model.fp8_high_precision()``, if any.
+
+    Like ``no_weight_decay()`` for weight decay: the model's authors know which of its GEMMs FP8 rounding hurts
+    (GPT: its first block, see :meth:`swinlab.models.gpt.GPT.fp8_high_precision`).
+    """
+    names = getattr(model, "fp8_high_precision", None)
+    return tuple(names()) if callable(names) else ()
+
+
+def _under(fqn: str, prefixes: Sequence[str]) -> bool:
+    return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
+
+
+def convert_linears(
+    model: nn.Module, module_filter: ModuleFilter = default_filter, keep: Sequence[str] = (), **kwargs
+) -> list[str]:
     """Replace every ``nn.Linear`` accepted by ``module_filter(module, fqn)`` by an FP8Linear; returns their fqns.
 
-    ``kwargs`` go to :meth:`FP8Linear.from_linear`. Layers that already are FP8Linear are left alone. With the
-    default filter, linears kept out only because ``_scaled_mm`` needs dims that are multiples of 16 are named in
-    a warning: a model whose big layers silently stayed FP32 would neither save memory nor say why.
+    ``keep``: module names (a module and everything in it) left in high precision whatever the filter says; a
+    name that is no module of ``model`` is refused. ``kwargs`` go to :meth:`FP8Linear.from_linear`. Layers that
+    already are FP8Linear are left alone. With the default filter, linears kept out only because ``_scaled_mm``
+    needs dims that are multiples of 16 are named in a warning: a model whose big layers silently stayed FP32
+    would neither save memory nor say why.
     """
-    linears = [(fqn, module) for fqn, module in model.named_modules() if type(module) in (nn.Linear, Linear) and fqn]
+    modules = dict(model.named_modules())
+    unknown = [name for name in keep if name not in modules]
+    if unknown:
+        raise ValueError(f"FP8: no module named {', '.join(map(repr, unknown))} to keep in high precision")
+    linears = [
+        (fqn, module)
+        for fqn, module in modules.items()
+        if type(module) in (nn.Linear, Linear) and fqn and not _under(fqn, keep)
+    ]
     chosen = [(fqn, module) for fqn, module in linears if module_filter(module, fqn)]
     if module_filter is default_filter:
         unaligned = [
@@ -140,6 +166,7 @@ def initialize(
     margin: int = 0,
     grad_format: FP8Format | str = E5M2,
     scaling: str = "delayed",
+    high_precision: Sequence[str] | None = None,
     master_dtype: torch.dtype | None = None,
     m1_dtype: torch.dtype | None = None,
     m2_dtype: torch.dtype | None = None,
@@ -158,7 +185,9 @@ def initialize(
     gradients as E4M3 in ``weight.fp8_grad`` (1 B/param); ``"dequantized"`` hands the same quantised values to
     autograd as an FP32 ``.grad`` (4 B/param), for code that only knows ``.grad``. ``scaling`` is the
     activations' and output gradients' scaling policy, ``"delayed"`` (``history_len`` amaxes, FP8-LM) or
-    ``"current"`` (see :class:`FP8Linear`).
+    ``"current"`` (see :class:`FP8Linear`). ``high_precision``: module names whose linears stay out of FP8 on top
+    of the filter; ``None`` takes the model's own policy (:func:`model_high_precision`: GPT keeps its first
+    block, as Megatron-LM's ``first_last_layers_bf16`` does), ``()`` converts every linear the filter accepts.
     """
     level = str(opt_level).upper()
     if level not in OPT_LEVELS:
@@ -177,15 +206,23 @@ def initialize(
         raise ValueError(f"unknown scaling policy {scaling!r} (choose one of {', '.join(SCALING_POLICIES)})")
     for device in {p.device for p in model.parameters()}:
         require_fp8_gemm(device)
-    convert_linears(
+    keep = model_high_precision(model) if high_precision is None else tuple(high_precision)
+    converted = convert_linears(
         model,
         module_filter or default_filter,
+        keep,
         grad_mode=grad_mode,
         history_len=history_len,
         margin=margin,
         grad_format=grad_format,
         scaling=scaling,
     )
+    if not converted:
+        warnings.warn(
+            f"FP8 {level}: no linear of the model became FP8 (filter, high_precision={keep}); it trains in high "
+            "precision",
+            stacklevel=2,
+        )
     if optimizer is not None:
         check_untied(model)
         if sharded:
