@@ -9,6 +9,8 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
 - ``O1`` / ``O2``: ``swinlab.fp8.initialize(model, optimizer, level)`` (FP8 GEMMs, E4M3 weight gradients, FP16
   master with a scale; O2 also keeps the first moment in E4M3 and the second in FP16, both scaled), with GPT's
   own policy of keeping its first block in FP32 GEMMs (``GPT.fp8_high_precision``);
+- ``fp32_mkl`` (opt-in): FP32 again, with torch's default (MKL) GEMMs instead of swinlab's oneDNN linears: the
+  same arithmetic up to fp32 rounding (~1e-7), i.e. the noise floor of the paired score;
 - ``master_e4m3`` / ``m2_e4m3``: O2 with the master weights, or the second moment, stored as scaled E4M3, the
   negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse);
 - opt-in diagnostics of where all-FP8 O1/O2 lose: ``O1_all_fp8`` / ``O2_all_fp8`` (every eligible linear in FP8,
@@ -76,6 +78,7 @@ ALL_FP8 = {"high_precision": ()}
 QKV = ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn")
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
+    "fp32_mkl": None,
     "master_e4m3": {"opt_level": "O2", "master_dtype": E4M3},
     "m2_e4m3": {"opt_level": "O2", "m2_dtype": E4M3},
     "O1": {"opt_level": "O1"},
@@ -91,6 +94,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 }
 """Variant name -> arguments of :func:`swinlab.fp8.initialize` (``None``: plain FP32)."""
 DIAGNOSTICS = tuple(v for v in VARIANTS if v not in ("fp32", "master_e4m3", "m2_e4m3", "O1", "O2"))
+FP32_VARIANTS = ("fp32", "fp32_mkl")
 """Opt-in: where the gap of all-FP8 O1/O2 comes from (the master, the gradient format, the scaling policy, the
 attention's q/k/v projections)."""
 CONTROLS = ("master_e4m3", "m2_e4m3")
@@ -149,14 +153,19 @@ def run(
     spec = VARIANTS[variant]
     if spec is not None:
         model, optimizer = fp8.initialize(model, optimizer, **spec)
+    onednn = swinlab.layers.linear.ONEDNN_LINEAR
+    swinlab.layers.linear.ONEDNN_LINEAR = onednn and variant != "fp32_mkl"
     start = time.perf_counter()
-    result = fit(model, LanguageModelingTask(), optimizer, data.train_loader, data.val_loader, cfg)
+    try:
+        result = fit(model, LanguageModelingTask(), optimizer, data.train_loader, data.val_loader, cfg)
+    finally:
+        swinlab.layers.linear.ONEDNN_LINEAR = onednn
     seconds = time.perf_counter() - start
     rows = list(csv.DictReader((Path(result["run_dir"]) / "metrics.csv").open()))
     fp32_gemm_loss = fp8_gemm_losses = None
-    if spec is None:
+    if variant == "fp32":
         fp8_gemm_losses = fp8_inference_losses(model, data.val_loader)
-    else:
+    elif spec is not None:
         # The trained weights again with FP32 GEMMs: how much of a gap is FP8 inference, not FP8 training.
         plain = swinlab.create_model(cfg.model.name, **data.model_kwargs, **cfg.model.kwargs)
         missing = plain.load_state_dict(model.state_dict(), strict=False).missing_keys  # FP8 metas are extra
@@ -193,8 +202,8 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    palette = ("black", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:pink",
-               "tab:olive", "tab:cyan", "tab:gray", "gold", "navy")
+    palette = ("black", "dimgray", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown",
+               "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy")
     colors = dict(zip(VARIANTS, palette[: len(VARIANTS)], strict=True))
     fig, (full, zoom, paired) = plt.subplots(1, 3, figsize=(16, 4))
     base = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "fp32"}
