@@ -13,6 +13,7 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
   same arithmetic up to fp32 rounding (~1e-7), i.e. the noise floor of the paired score;
 - ``master_e4m3`` / ``m2_e4m3``: O2 with the master weights, or the second moment, stored as scaled E4M3, the
   negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse);
+  ``*_all_fp8``: the same with every eligible linear FP8 (the first block too), the control of ``O2_all_fp8``;
 - opt-in diagnostics of where all-FP8 O1/O2 lose: ``O1_all_fp8`` / ``O2_all_fp8`` (every eligible linear in FP8,
   the first block too); with all linears FP8, ``O1_fp32_master`` (an FP32 master), ``O1_e4m3_grads`` (E4M3
   output gradients), ``O1_current`` (current instead of delayed scaling); ``O1_qkv_fp32`` / ``O2_qkv_fp32``
@@ -81,6 +82,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32_mkl": None,
     "master_e4m3": {"opt_level": "O2", "master_dtype": E4M3},
     "m2_e4m3": {"opt_level": "O2", "m2_dtype": E4M3},
+    "master_e4m3_all_fp8": {"opt_level": "O2", "master_dtype": E4M3, **ALL_FP8},
+    "m2_e4m3_all_fp8": {"opt_level": "O2", "m2_dtype": E4M3, **ALL_FP8},
     "O1": {"opt_level": "O1"},
     "O2": {"opt_level": "O2"},
     "O1_all_fp8": {"opt_level": "O1", **ALL_FP8},
@@ -93,11 +96,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "O2_first_qkv_fp32": {"opt_level": "O2", "high_precision": QKV[:1]},
 }
 """Variant name -> arguments of :func:`swinlab.fp8.initialize` (``None``: plain FP32)."""
-DIAGNOSTICS = tuple(v for v in VARIANTS if v not in ("fp32", "master_e4m3", "m2_e4m3", "O1", "O2"))
+CONTROLS = ("master_e4m3", "m2_e4m3", "master_e4m3_all_fp8", "m2_e4m3_all_fp8")
+DIAGNOSTICS = tuple(v for v in VARIANTS if v not in ("fp32", "O1", "O2", *CONTROLS))
 FP32_VARIANTS = ("fp32", "fp32_mkl")
 """Opt-in: where the gap of all-FP8 O1/O2 comes from (the master, the gradient format, the scaling policy, the
 attention's q/k/v projections)."""
-CONTROLS = ("master_e4m3", "m2_e4m3")
 SUCCESSOR_RECIPE = (
     "data.name=text", "data.seq_len=32", "data.val_limit=64", "optim.lr=5e-4", "optim.schedule=constant",
     "optim.warmup_epochs=0",
@@ -203,7 +206,7 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     import matplotlib.pyplot as plt
 
     palette = ("black", "dimgray", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown",
-               "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy")
+               "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "maroon", "teal")
     colors = dict(zip(VARIANTS, palette[: len(VARIANTS)], strict=True))
     fig, (full, zoom, paired) = plt.subplots(1, 3, figsize=(16, 4))
     base = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "fp32"}
