@@ -10,7 +10,9 @@ decay 0.1, clip 1.0, warm-up then cosine). Only the precision changes:
   master with a scale; O2 also keeps the first moment in E4M3 and the second in FP16, both scaled), with GPT's
   own policy of keeping its first block in FP32 GEMMs (``GPT.fp8_high_precision``);
 - ``fp32_mkl`` (opt-in): FP32 again, with torch's default (MKL) GEMMs instead of swinlab's oneDNN linears: the
-  same arithmetic up to fp32 rounding (~1e-7), i.e. the noise floor of the paired score;
+  same arithmetic up to fp32 rounding (~1e-7); ``bf16`` (opt-in): BF16 autocast, the mixed precision users
+  accept as lossless (8 mantissa bits: rounding ~0.3 %, E4M3's ~2.6 %), for the size of the paired differences
+  a numerics change brings;
 - ``master_e4m3`` / ``m2_e4m3``: O2 with the master weights, or the second moment, stored as scaled E4M3, the
   negative controls of the paper's ablation (updates smaller than E4M3's spacing are lost / 1/sqrt(v) is coarse);
   ``*_all_fp8``: the same with every eligible linear FP8 (the first block too), the control of ``O2_all_fp8``;
@@ -48,6 +50,7 @@ Two data settings (``--data``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -66,7 +69,7 @@ import swinlab
 from swinlab import fp8
 from swinlab.config import load_config
 from swinlab.data import build
-from swinlab.engine import fit, run_evaluation
+from swinlab.engine import fit, precision, run_evaluation
 from swinlab.engine.optim import build_optimizer
 from swinlab.engine.tasks import LanguageModelingTask
 
@@ -80,6 +83,7 @@ QKV = ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn")
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
     "fp32_mkl": None,
+    "bf16": None,
     "master_e4m3": {"opt_level": "O2", "master_dtype": E4M3},
     "m2_e4m3": {"opt_level": "O2", "m2_dtype": E4M3},
     "master_e4m3_all_fp8": {"opt_level": "O2", "master_dtype": E4M3, **ALL_FP8},
@@ -154,13 +158,17 @@ def run(
     model = swinlab.create_model(cfg.model.name, **data.model_kwargs, **cfg.model.kwargs)
     optimizer = build_optimizer(model, cfg.optim)
     spec = VARIANTS[variant]
+    autocast = contextlib.nullcontext
     if spec is not None:
         model, optimizer = fp8.initialize(model, optimizer, **spec)
+    elif variant == "bf16":
+        model, optimizer, autocast = precision.wrap(model, optimizer, "bf16")
     onednn = swinlab.layers.linear.ONEDNN_LINEAR
     swinlab.layers.linear.ONEDNN_LINEAR = onednn and variant != "fp32_mkl"
     start = time.perf_counter()
     try:
-        result = fit(model, LanguageModelingTask(), optimizer, data.train_loader, data.val_loader, cfg)
+        result = fit(model, LanguageModelingTask(), optimizer, data.train_loader, data.val_loader, cfg,
+                     autocast=autocast)  # fmt: skip
     finally:
         swinlab.layers.linear.ONEDNN_LINEAR = onednn
     seconds = time.perf_counter() - start
@@ -206,7 +214,7 @@ def plot(runs: list[dict[str, Any]], path: Path, data: str) -> None:
     import matplotlib.pyplot as plt
 
     palette = ("black", "dimgray", "tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown",
-               "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "maroon", "teal")
+               "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold", "navy", "maroon", "teal", "lime")
     colors = dict(zip(VARIANTS, palette[: len(VARIANTS)], strict=True))
     fig, (full, zoom, paired) = plt.subplots(1, 3, figsize=(16, 4))
     base = {r["seed"]: r["val_loss"] for r in runs if r["variant"] == "fp32"}
