@@ -139,18 +139,33 @@ def make_optimizer(model, impl: str, kind: str):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if kind == "fused" else None)
 
 
+LINEAR_BACKENDS = ("mkl", "onednn")
+"""The ``+mkl`` / ``+onednn`` ablation rows (``--linear-backends``): swinlab with every linear GEMM on one backend."""
+
+
+def force_linear_backend(backend: str) -> None:
+    """Route all of ``swinlab.layers.Linear``'s fp32 CPU GEMMs (forward and both gradients) to ``backend``: ``mkl``
+    (torch's default GEMM on x86) or ``onednn``, whatever this CPU's default choice."""
+    import swinlab.layers.linear as linear
+
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"unknown linear backend {backend!r} (choose one of {', '.join(LINEAR_BACKENDS)})")
+    forced = backend == "onednn" and linear.ONEDNN_AVAILABLE
+    linear.ONEDNN_LINEAR = linear.ONEDNN_WEIGHT_GRAD = forced
+
+
 def gemm_peak(threads: int, n: int = 2048, iters: int = 10) -> dict[str, float]:
     """fp32 GEMM GFLOP/s on this machine with ``threads`` threads (best of ``iters``), per backend: ``mm``
     (torch's matmul: MKL on x86 CPUs) and ``onednn`` (the path of ``swinlab.layers.Linear``). The two differ by
     2x or more on some CPUs (MKL's generic path on AMD), so the faster one is the machine's peak."""
     import torch
 
-    from swinlab.layers.linear import ONEDNN_LINEAR, _onednn
+    from swinlab.layers.linear import ONEDNN_AVAILABLE, _onednn
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     kernels = {"mm": lambda: a @ b}
-    if ONEDNN_LINEAR:
+    if ONEDNN_AVAILABLE:
         kernels["onednn"] = lambda: _onednn(a, b, None)
     peaks = {}
     for name, fn in kernels.items():

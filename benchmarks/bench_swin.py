@@ -23,8 +23,9 @@ implementation. Compilation happens in the first warm-up step, reported as "firs
 minor faults (first touches of freshly mapped memory; large tensors are mmapped and unmapped by malloc on every
 allocation), a cost that is high in this VM and that the eager rows differ in.
 
-``--mkl-linears`` adds swinlab rows with its oneDNN linears switched off (torch's default GEMM, MKL on x86): the
-ablation that shows how much of swinlab's speed is the GEMM backend (``swinlab.layers.Linear``) and how much the rest.
+``--linear-backends`` adds swinlab rows with its linears forced onto each GEMM backend, ``+mkl`` (torch's default,
+MKL on x86) and ``+onednn`` (``swinlab.layers.Linear``'s oneDNN path, by default taken on AVX-512 CPUs only): the
+ablation that shows how much of swinlab's speed is the GEMM backend and how much the rest, on any machine.
 
 ``--optimizer`` picks the AdamW of the training step (``plain``: torch's default for all, the default; ``fused``:
 ``fused=True`` for all; ``engine``: swinlab's own ``build_optimizer`` for swinlab rows, torch's default for the
@@ -40,7 +41,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import available, gemm_peak, run_json, run_mode, save_shared_weights
+from _common import (
+    LINEAR_BACKENDS,
+    available,
+    force_linear_backend,
+    gemm_peak,
+    run_json,
+    run_mode,
+    save_shared_weights,
+)
 
 MODEL = "swinv2_tiny_window8_256"
 
@@ -53,10 +62,8 @@ def build(impl: str, weights: str | None):
     model = _build_eager(name, weights)
     if variant == "compile":
         return torch.compile(model)
-    if variant == "mkl":  # ablation: the same model with its linears on torch's default GEMM (MKL on x86)
-        import swinlab.layers.linear
-
-        swinlab.layers.linear.ONEDNN_LINEAR = False
+    if variant in LINEAR_BACKENDS:  # ablation: the same model with its linears forced onto one GEMM backend
+        force_linear_backend(variant)
         return model
     if variant == "freeze":  # inference only: weights become constants, linears prepacked, biases/GELU fused
         return torch.compile(model, options={"freezing": True})
@@ -186,9 +193,9 @@ def main() -> None:
         help="also measure torch.compile(options={'freezing': True}) variants of every implementation (infer only)",
     )
     parser.add_argument(
-        "--mkl-linears",
+        "--linear-backends",
         action="store_true",
-        help="also measure swinlab with its linears on torch's default GEMM (SWINLAB_ONEDNN_LINEAR=0): the ablation",
+        help="also measure swinlab with its linears forced onto MKL (+mkl) and onto oneDNN (+onednn): the ablation",
     )
     parser.add_argument("--impls", default="swinlab,timm,torchvision", help="comma-separated subset to run")
     parser.add_argument(
@@ -220,7 +227,7 @@ def main() -> None:
     names = args.impls.split(",")
     variants = [""] + ["+compile"] * args.compile + ["+freeze"] * args.freeze
     impls = []
-    own = ["+mkl"] * args.mkl_linears  # swinlab-only variants
+    own = [f"+{b}" for b in LINEAR_BACKENDS] * args.linear_backends  # swinlab-only variants
     if "swinlab" in names and not args.no_local:
         impls += [(sys.executable, "swinlab" + v) for v in variants + own]
     if args.peer_python:
@@ -283,8 +290,8 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
             f"{r['first_step_s']:.1f} | {100 * r['busy_others']:.0f}% |"
         )
     print(f"training step optimizer: {args.optimizer} (see make_optimizer)")
-    for variant in ("", "+compile", "+freeze", "+mkl"):
-        peer_variant = "" if variant == "+mkl" else variant  # the ablation is compared with the eager peers
+    for variant in ("", "+compile", "+freeze", "+mkl", "+onednn"):
+        peer_variant = variant if variant in ("+compile", "+freeze") else ""  # ablations vs the eager peers
         for mode in ("infer", "train"):
             ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant]
             peer_names = ("timm" + peer_variant, "torchvision" + peer_variant)

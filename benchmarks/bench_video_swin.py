@@ -31,21 +31,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import available, gemm_peak, make_step, measure_steps, run_json, run_mode, save_shared_weights
+from _common import (
+    LINEAR_BACKENDS,
+    available,
+    force_linear_backend,
+    gemm_peak,
+    make_step,
+    measure_steps,
+    run_json,
+    run_mode,
+    save_shared_weights,
+)
 
 MODEL = "video_swin_tiny"
 
 
 def build(impl: str, weights: str | None):
-    """``impl`` (``swinlab``, ``swinlab+mkl`` or ``torchvision``) with the shared weights (official recognizer
-    layout) loaded; ``swinlab+mkl`` is the ablation with swinlab's linears on torch's default GEMM."""
+    """``impl`` (``swinlab``, ``swinlab+mkl``, ``swinlab+onednn`` or ``torchvision``) with the shared weights
+    (official recognizer layout) loaded; ``swinlab+<backend>`` is the ablation with every swinlab linear GEMM on
+    that backend."""
     import torch
 
-    if impl == "swinlab+mkl":
-        import swinlab.layers.linear
-
-        swinlab.layers.linear.ONEDNN_LINEAR = False
-        impl = "swinlab"
+    impl, _, backend = impl.partition("+")
+    if backend:
+        force_linear_backend(backend)
     if impl == "swinlab":
         from swinlab import create_model
         from swinlab.models.video_checkpoints import load_official_video
@@ -152,9 +161,9 @@ def main() -> None:
     parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
     parser.add_argument("--no-local", action="store_true", help="skip swinlab on this interpreter")
     parser.add_argument(
-        "--mkl-linears",
+        "--linear-backends",
         action="store_true",
-        help="also measure swinlab with its linears on torch's default GEMM (SWINLAB_ONEDNN_LINEAR=0): the ablation",
+        help="also measure swinlab with its linears forced onto MKL (+mkl) and onto oneDNN (+onednn): the ablation",
     )
     parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
     parser.add_argument("--json", default=None, help="write all raw results here")
@@ -183,8 +192,9 @@ def main() -> None:
     impls = [] if args.no_local else [(sys.executable, "swinlab")]
     if args.peer_python:
         impls += [(args.peer_python, impl) for impl in ("swinlab", "torchvision") if available(args.peer_python, impl)]
-    if args.mkl_linears:
-        impls += [(python, "swinlab+mkl") for python, impl in list(impls) if impl == "swinlab"]
+    if args.linear_backends:
+        own = [(python, impl) for python, impl in impls if impl == "swinlab"]
+        impls += [(python, f"swinlab+{b}") for python, _ in own for b in LINEAR_BACKENDS]
     print(f"fp32 GEMM peak ({args.threads} threads): ", end="", flush=True)
     peaks = gemm_peak(args.threads)
     peak = max(peaks.values())

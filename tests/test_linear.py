@@ -10,7 +10,14 @@ import swinlab.layers.linear as linear_module
 from swinlab.layers import Linear
 from swinlab.layers.linear import linear
 
-pytestmark = pytest.mark.skipif(not linear_module.ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+pytestmark = pytest.mark.skipif(not linear_module.ONEDNN_AVAILABLE, reason="this torch build has no oneDNN linear")
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["onednn_wgrad", "mkl_wgrad"])
+def onednn_on(monkeypatch, request):
+    """The oneDNN path under test whatever this CPU's default, with the weight gradient on either backend."""
+    monkeypatch.setattr(linear_module, "ONEDNN_LINEAR", True)
+    monkeypatch.setattr(linear_module, "ONEDNN_WEIGHT_GRAD", request.param)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

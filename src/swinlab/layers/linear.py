@@ -1,15 +1,19 @@
-"""A drop-in ``nn.Linear`` whose fp32 CPU GEMMs run through oneDNN.
+"""A drop-in ``nn.Linear`` whose fp32 CPU GEMMs run through oneDNN where that is faster than MKL.
 
-PyTorch's fp32 ``F.linear`` on CPU calls MKL's sgemm, which on the benchmark machine (AMD EPYC Zen 5, AVX-512,
-2 threads) runs a 2048x2048x2048 GEMM at 143-181 GFLOP/s, while oneDNN's JIT kernels (the ones inductor emits for
-CPU linears, ``torch.ops.mkldnn._linear_pointwise``) use AVX-512 and reach 345-405 GFLOP/s; SwinV2-T's own linear
-shapes gain 1.3-2.4x forward, input- and weight-gradient alike. Results stay fp32 (relative error vs float64
-5.7e-7, MKL 2.5e-7); they differ from MKL's only in summation order. The op is internal to torch; a build without
-it simply runs everything through ``F.linear``.
+PyTorch's fp32 ``F.linear`` on CPU calls MKL's sgemm. On an AVX-512 CPU (AMD EPYC Zen 5, 2 threads) MKL runs a
+2048x2048x2048 GEMM at 143-181 GFLOP/s, while oneDNN's JIT kernels (the ones inductor emits for CPU linears,
+``torch.ops.mkldnn._linear_pointwise``) use AVX-512 and reach 345-405 GFLOP/s; SwinV2-T's own linear shapes gain
+1.3-2.4x forward, input- and weight-gradient alike. On an AVX2 CPU (Zen 2) the peaks are close (MKL 115-121,
+oneDNN 129-147 GFLOP/s): oneDNN still wins the forward and input-gradient GEMMs of SwinV2-T's shapes (1.1-1.4x,
+one 0.8x) but loses the weight gradient (0.66-0.98x), so there the weight gradient stays on MKL
+(``benchmarks/RESULTS.md``). Results stay fp32 (relative error vs float64 5.7e-7, MKL 2.5e-7); they differ from
+MKL's only in summation order. The op is internal to torch; a build without it runs everything through
+``F.linear``.
 
 Everything outside that case (CUDA, other dtypes, autocast, ``torch.compile``, inputs oneDNN does not take, a
-build without oneDNN) goes to ``F.linear`` unchanged. ``SWINLAB_ONEDNN_LINEAR=0`` in the environment turns the
-oneDNN path off, e.g. to compare both on a new machine (``benchmarks/bench_swin.py --mkl-linears``).
+build without oneDNN) goes to ``F.linear`` unchanged. ``SWINLAB_ONEDNN_LINEAR`` in the environment chooses:
+``auto`` (the default: as above), ``1`` (every GEMM through oneDNN) or ``0`` (none), e.g. to compare on a new
+machine (``benchmarks/bench_swin.py --linear-backends``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ONEDNN_LINEAR = (
-    os.environ.get("SWINLAB_ONEDNN_LINEAR", "1") != "0"
-    and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+"""Whether this torch build has oneDNN's linear op."""
+
+
+def _onednn_choice() -> str:
+    choice = os.environ.get("SWINLAB_ONEDNN_LINEAR", "auto").strip().lower()
+    if choice not in ("auto", "0", "1"):
+        raise ValueError(f"SWINLAB_ONEDNN_LINEAR must be auto, 1 or 0, got {choice!r}")
+    return choice
+
+
+ONEDNN_LINEAR = ONEDNN_AVAILABLE and _onednn_choice() != "0"
+"""Whether fp32 CPU linears run their forward and input gradient through oneDNN (decided once at import)."""
+ONEDNN_WEIGHT_GRAD = ONEDNN_LINEAR and (
+    _onednn_choice() == "1" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 )
-"""Whether fp32 CPU linears run through oneDNN (read once at import)."""
+"""Whether their weight gradient does too (AVX-512 CPUs; on AVX2 it is faster on MKL)."""
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
@@ -45,8 +60,8 @@ def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """``y = x W^T + b`` on 2D ``x``; backward ``dx = dy W``, ``dW = dy^T x``, ``db = sum dy``, all through
-    oneDNN."""
+    """``y = x W^T + b`` on 2D ``x``; backward ``dx = dy W``, ``dW = dy^T x``, ``db = sum dy``; the GEMMs through
+    oneDNN (``dW`` on MKL unless :data:`ONEDNN_WEIGHT_GRAD`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -59,7 +74,9 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         dx = _onednn(dy, weight.t(), None) if ctx.needs_input_grad[0] else None
-        dw = _matmul_nt(dy.t(), x.t()) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = _matmul_nt(dy.t(), x.t()) if ONEDNN_WEIGHT_GRAD else dy.t().mm(x)
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
