@@ -24,8 +24,8 @@ minor faults (first touches of freshly mapped memory; large tensors are mmapped 
 allocation), a cost that is high in this VM and that the eager rows differ in.
 
 ``--linear-backends`` adds swinlab rows with its linears forced onto each GEMM backend, ``+mkl`` (torch's default,
-MKL on x86) and ``+onednn`` (``swinlab.layers.Linear``'s oneDNN path, by default taken on AVX-512 CPUs only): the
-ablation that shows how much of swinlab's speed is the GEMM backend and how much the rest, on any machine.
+MKL on x86) and ``+onednn`` (``swinlab.layers.Linear``'s oneDNN path; by default the weight gradient takes it on
+AVX-512 CPUs only): the ablation that shows how much of swinlab's speed is the GEMM backend, on any machine.
 
 ``--optimizer`` picks the AdamW of the training step (``plain``: torch's default for all, the default; ``fused``:
 ``fused=True`` for all; ``engine``: swinlab's own ``build_optimizer`` for swinlab rows, torch's default for the
@@ -290,7 +290,7 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
             f"{r['first_step_s']:.1f} | {100 * r['busy_others']:.0f}% |"
         )
     print(f"training step optimizer: {args.optimizer} (see make_optimizer)")
-    for variant in ("", "+compile", "+freeze", "+mkl", "+onednn"):
+    for variant in ("", "+compile", "+freeze", *(f"+{b}" for b in LINEAR_BACKENDS)):
         peer_variant = variant if variant in ("+compile", "+freeze") else ""  # ablations vs the eager peers
         for mode in ("infer", "train"):
             ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant]

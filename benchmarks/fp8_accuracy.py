@@ -102,9 +102,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 """Variant name -> arguments of :func:`swinlab.fp8.initialize` (``None``: plain FP32)."""
 CONTROLS = ("master_e4m3", "m2_e4m3", "master_e4m3_all_fp8", "m2_e4m3_all_fp8")
 DIAGNOSTICS = tuple(v for v in VARIANTS if v not in ("fp32", "O1", "O2", *CONTROLS))
-FP32_VARIANTS = ("fp32", "fp32_mkl")
-"""Opt-in: where the gap of all-FP8 O1/O2 comes from (the master, the gradient format, the scaling policy, the
-attention's q/k/v projections)."""
+"""Opt-in: the noise checks (``fp32_mkl``, ``bf16``) and where the gap of all-FP8 O1/O2 comes from (the master, the
+gradient format, the scaling policy, the attention's q/k/v projections)."""
 SUCCESSOR_RECIPE = (
     "data.name=text", "data.seq_len=32", "data.val_limit=64", "optim.lr=5e-4", "optim.schedule=constant",
     "optim.warmup_epochs=0",
@@ -254,12 +253,12 @@ def run_in_process(threads: int, *args: Any) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any]) -> None:
-    fp32_gemms = r["final_val_loss_fp32_gemms"]
-    fp32_gemms = "" if fp32_gemms is None else f", {fp32_gemms:.4f} with FP32 GEMMs"
+    rescored = r["final_val_loss_fp32_gemms"]
+    rescored = "" if rescored is None else f", {rescored:.4f} with FP32 GEMMs"
     if r["final_val_loss_fp8_gemms"]:
-        fp32_gemms = ", with FP8 GEMMs in " + ", ".join(
+        rescored = ", with FP8 GEMMs in " + ", ".join(
             f"{name} {loss:.4f}" for name, loss in r["final_val_loss_fp8_gemms"].items())
-    print(f"{r['variant']:12s} seed {r['seed']}: final val loss {r['final_val_loss']:.4f}{fp32_gemms} "
+    print(f"{r['variant']:12s} seed {r['seed']}: final val loss {r['final_val_loss']:.4f}{rescored} "
           f"({r['seconds']:.0f} s, {r['skipped_steps']} skipped steps)", flush=True)  # fmt: skip
 
 

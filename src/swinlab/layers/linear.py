@@ -28,18 +28,12 @@ ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mk
 """Whether this torch build has oneDNN's linear op."""
 
 
-def _onednn_choice() -> str:
-    choice = os.environ.get("SWINLAB_ONEDNN_LINEAR", "auto").strip().lower()
-    if choice not in ("auto", "0", "1"):
-        raise ValueError(f"SWINLAB_ONEDNN_LINEAR must be auto, 1 or 0, got {choice!r}")
-    return choice
-
-
-ONEDNN_LINEAR = ONEDNN_AVAILABLE and _onednn_choice() != "0"
+_CHOICE = os.environ.get("SWINLAB_ONEDNN_LINEAR", "auto").strip().lower()
+if _CHOICE not in ("auto", "0", "1"):
+    raise ValueError(f"SWINLAB_ONEDNN_LINEAR must be auto, 1 or 0, got {_CHOICE!r}")
+ONEDNN_LINEAR = ONEDNN_AVAILABLE and _CHOICE != "0"
 """Whether fp32 CPU linears run their forward and input gradient through oneDNN (decided once at import)."""
-ONEDNN_WEIGHT_GRAD = ONEDNN_LINEAR and (
-    _onednn_choice() == "1" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-)
+ONEDNN_WEIGHT_GRAD = ONEDNN_LINEAR and (_CHOICE == "1" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 """Whether their weight gradient does too (AVX-512 CPUs; on AVX2 it is faster on MKL)."""
 
 
