@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def _proc_stat() -> tuple[float, float]:
@@ -137,6 +138,27 @@ def make_optimizer(model, impl: str, kind: str):
 
         return build_optimizer(model, OptimConfig(lr=1e-4))
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if kind == "fused" else None)
+
+
+def venv_label(python: str, impl: str) -> str:
+    """``impl (venv)``: which implementation ran on which interpreter (the venv folder of ``python``)."""
+    return f"{impl} ({Path(python).parent.parent.name})"
+
+
+def per_round_ratios(rows: list[dict], mode: str, label: str, peers: Sequence[str], rate: str) -> tuple[list, list]:
+    """For every round holding both: the ``rate`` of the row ``label`` over that of the fastest of ``peers`` (impl
+    names) in the same round, and the two rows' peak-RSS ratio. Rows of one round ran minutes apart with the
+    implementations interleaved; between rounds this shared machine drifts by 10-30 %, so ratios are taken inside a
+    round and their median reported."""
+    speed, memory = [], []
+    for rnd in sorted({r["round"] for r in rows}):
+        ours = [r for r in rows if r["mode"] == mode and r["label"] == label and r["round"] == rnd]
+        rivals = [r for r in rows if r["mode"] == mode and r["impl"] in peers and r["round"] == rnd]
+        if ours and rivals:
+            best = max(rivals, key=lambda r: r[rate])
+            speed.append(ours[0][rate] / best[rate])
+            memory.append(ours[0]["peak_rss_mib"] / best["peak_rss_mib"])
+    return speed, memory
 
 
 LINEAR_BACKENDS = ("mkl", "onednn")

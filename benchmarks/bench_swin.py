@@ -11,9 +11,11 @@ there with ``pip install --no-deps -e .`` is measured on that torch too, the fai
     python benchmarks/bench_swin.py --peer-python /path/to/peerenv/bin/python --threads 2
 
 Protocol: eval()+inference_mode forward ("infer") and train()+forward+cross-entropy+backward+AdamW step ("train"),
-``--warmup`` untimed then ``--iters`` timed iterations, median wall time; FLOPs from swinlab's ``flop_counter``
-(FlopCounterMode taught SDPA's CPU kernel) on one forward (train counted as 3x forward); "busy" is the share of
-the machine other processes used during the timed loop
+``--warmup`` untimed then ``--iters`` timed iterations, median wall time. All rows are repeated ``--rounds`` times
+with the implementations interleaved inside each round; the ratios to the faster peer are taken per round (rows
+minutes apart) and their median reported, since this shared machine drifts 10-30 % between runs. FLOPs from
+swinlab's ``flop_counter`` (FlopCounterMode taught SDPA's CPU kernel) on one forward (train counted as 3x
+forward); "busy" is the share of the machine other processes used during the timed loop
 (from /proc/stat) — rows with busy above a few percent were disturbed.
 
 ``--compile`` adds a ``torch.compile`` (default inductor) variant of *every* implementation, so compiled ratios
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -46,9 +49,11 @@ from _common import (
     available,
     force_linear_backend,
     gemm_peak,
+    per_round_ratios,
     run_json,
     run_mode,
     save_shared_weights,
+    venv_label,
 )
 
 MODEL = "swinv2_tiny_window8_256"
@@ -184,6 +189,7 @@ def main() -> None:
     parser.add_argument("--img", type=int, default=256)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat all rows, interleaved, this many times")
     parser.add_argument(
         "--compile", action="store_true", help="also measure torch.compile'd variants of every implementation"
     )
@@ -241,26 +247,27 @@ def main() -> None:
     peaks = gemm_peak(args.threads)
     peak = max(peaks.values())
     print(", ".join(f"{name} {value:.0f}" for name, value in peaks.items()) + " GFLOP/s")
-    rows, outputs = [], {}
+    outputs = {}
     flops = None
     for python, impl in impls:
         out = tmp / f"{impl}-{Path(python).parent.parent.name}.pt"
         run_worker(python, impl, "check", args, input=tmp / "input.pt", output=out)
         if out.exists():
-            outputs[(python, impl)] = torch.load(out, weights_only=True)
+            outputs[venv_label(python, impl)] = torch.load(out, weights_only=True)
         if flops is None:
             flops = run_worker(python, impl, "flops", args)["flops_per_img"]
+    rows = []
+    for rnd in range(args.rounds):
         for mode in args.modes.split(","):
-            if mode == "train" and impl.endswith("+freeze"):
-                continue
-            print(f"  {impl:<16} {mode:<5} torch {python}", flush=True)
-            res = run_worker(python, impl, mode, args)
-            if res:
-                rows.append(res)
-    base = outputs[impls[0]]
-    diffs = {
-        f"{impl} ({Path(py).parent.parent.name})": float((o - base).abs().max()) for (py, impl), o in outputs.items()
-    }
+            for python, impl in impls:
+                if mode == "train" and impl.endswith("+freeze"):
+                    continue
+                print(f"  round {rnd + 1}/{args.rounds} {mode:<5} {venv_label(python, impl)}", flush=True)
+                res = run_worker(python, impl, mode, args)
+                if res:
+                    rows.append({**res, "round": rnd, "label": venv_label(python, impl)})
+    base = outputs[venv_label(*impls[0])]
+    diffs = {label: float((o - base).abs().max()) for label, o in outputs.items()}
     report(rows, flops, peak, args, diffs)
     if args.json:
         Path(args.json).write_text(
@@ -274,35 +281,36 @@ def main() -> None:
 def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace, diffs: dict) -> None:
     print(
         f"\n{MODEL}, batch {args.batch}, {args.img}x{args.img}, {args.threads} threads, "
-        f"median of {args.iters} after {args.warmup} warm-up; {flops / 1e9:.2f} GFLOP/sample forward"
+        f"median of {args.iters} after {args.warmup} warm-up, {args.rounds} interleaved rounds; "
+        f"{flops / 1e9:.2f} GFLOP/sample forward"
     )
     print(
-        "| impl | torch | mode | img/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB | page faults/step "
-        "| first step s | busy* |"
+        "| round | impl | torch | mode | img/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB "
+        "| page faults/step | first step s | busy* |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         work = flops * args.batch * (3 if r["mode"] == "train" else 1)
         gflops = work / r["median_s"] / 1e9
         print(
-            f"| {r['impl']} | {r['torch']} | {r['mode']} | {r['imgs_per_s']:.2f} | {r['median_s'] * 1e3:.0f} | "
+            f"| {r['round'] + 1} | {r['impl']} | {r['torch']} | {r['mode']} | {r['imgs_per_s']:.2f} | "
+            f"{r['median_s'] * 1e3:.0f} | "
             f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | {r['page_faults'] / 1e3:.0f}k | "
             f"{r['first_step_s']:.1f} | {100 * r['busy_others']:.0f}% |"
         )
     print(f"training step optimizer: {args.optimizer} (see make_optimizer)")
     for variant in ("", "+compile", "+freeze", *(f"+{b}" for b in LINEAR_BACKENDS)):
         peer_variant = variant if variant in ("+compile", "+freeze") else ""  # ablations vs the eager peers
+        peers = ("timm" + peer_variant, "torchvision" + peer_variant)
         for mode in ("infer", "train"):
-            ours = [r for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant]
-            peer_names = ("timm" + peer_variant, "torchvision" + peer_variant)
-            peers = [r for r in rows if r["mode"] == mode and r["impl"] in peer_names]
-            if ours and peers:
-                best = max(peers, key=lambda r: r["imgs_per_s"])
-                for r in ours:
+            labels = sorted({r["label"] for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant})
+            for label in labels:
+                speed, memory = per_round_ratios(rows, mode, label, peers, "imgs_per_s")
+                if speed:
                     print(
-                        f"{mode}: {r['impl']} (torch {r['torch']}) / fastest peer ({best['impl']}, torch "
-                        f"{best['torch']}) = {r['imgs_per_s'] / best['imgs_per_s']:.2f}x img/s, "
-                        f"peak RSS {r['peak_rss_mib'] / best['peak_rss_mib']:.2f}x"
+                        f"{mode}: {label} / faster of {' and '.join(peers)}: img/s ratio per round "
+                        f"{', '.join(f'{v:.2f}' for v in speed)} (median {statistics.median(speed):.2f}x); "
+                        f"peak RSS ratio median {statistics.median(memory):.2f}x"
                     )
     print("max |logits - swinlab logits| on the shared weights:", {k: f"{v:.2e}" for k, v in diffs.items()})
 

@@ -38,9 +38,11 @@ from _common import (
     gemm_peak,
     make_step,
     measure_steps,
+    per_round_ratios,
     run_json,
     run_mode,
     save_shared_weights,
+    venv_label,
 )
 
 MODEL = "video_swin_tiny"
@@ -144,10 +146,6 @@ def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **ex
     return run_json(cmd, args.threads, f"{impl}/{mode}")
 
 
-def _label(python: str, impl: str) -> str:
-    return f"{impl} ({Path(python).parent.parent.name})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-python", default=None, help="interpreter with torchvision (torch 2.14.1)")
@@ -204,8 +202,8 @@ def main() -> None:
         out = tmp / f"{impl}-{Path(python).parent.parent.name}.pt"
         run_worker(python, impl, "check", args, input=tmp / "input.pt", output=out)
         if out.exists():
-            outputs[_label(python, impl)] = torch.load(out, weights_only=True)
-        counted[_label(python, impl)] = run_worker(python, impl, "flops", args)["flops_per_clip"]
+            outputs[venv_label(python, impl)] = torch.load(out, weights_only=True)
+        counted[venv_label(python, impl)] = run_worker(python, impl, "flops", args)["flops_per_clip"]
     # Both count the same function (swinlab's counter includes SDPA's CPU kernel); the largest is used in case an
     # implementation calls an op the counter does not know.
     flops = max(counted.values())
@@ -216,10 +214,10 @@ def main() -> None:
     for r in range(args.rounds):
         for mode in args.modes.split(","):
             for python, impl in impls:
-                print(f"  round {r + 1}/{args.rounds} {mode:<5} {_label(python, impl)}", flush=True)
+                print(f"  round {r + 1}/{args.rounds} {mode:<5} {venv_label(python, impl)}", flush=True)
                 res = run_worker(python, impl, mode, args, round=r)
                 if res:
-                    res["label"] = _label(python, impl)
+                    res["label"] = venv_label(python, impl)
                     rows.append(res)
     if args.alternate and args.peer_python:
         for mode in args.modes.split(","):
@@ -254,13 +252,7 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
     print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer)")
     for mode in ("infer", "train"):
         for label in sorted({r["label"] for r in rows if r["impl"].startswith("swinlab")}):
-            speed, memory = [], []
-            for rnd in range(args.rounds):
-                ours = [r for r in rows if r["mode"] == mode and r["label"] == label and r["round"] == rnd]
-                peer = [r for r in rows if r["mode"] == mode and r["impl"] == "torchvision" and r["round"] == rnd]
-                if ours and peer:
-                    speed.append(ours[0]["clips_per_s"] / peer[0]["clips_per_s"])
-                    memory.append(ours[0]["peak_rss_mib"] / peer[0]["peak_rss_mib"])
+            speed, memory = per_round_ratios(rows, mode, label, ("torchvision",), "clips_per_s")
             if speed:
                 print(
                     f"{mode}: {label} / torchvision: clips/s ratio per round {', '.join(f'{s:.2f}' for s in speed)} "
