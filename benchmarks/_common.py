@@ -102,6 +102,7 @@ def run_mode(model, x, args, num_classes: int, unit: str) -> dict | None:
     time steps (the first step is timed apart: it compiles compiled variants). Rates are ``<unit>s_per_s``."""
     import torch
 
+    use_allocator(args.allocator)
     if args.mode == "check":
         model.eval()
         with torch.inference_mode():
@@ -159,6 +160,23 @@ def per_round_ratios(rows: list[dict], mode: str, label: str, peers: Sequence[st
             speed.append(ours[0][rate] / best[rate])
             memory.append(ours[0]["peak_rss_mib"] / best["peak_rss_mib"])
     return speed, memory
+
+
+ALLOCATORS = ("system", "reuse")
+"""``--allocator``, applied to every implementation of a run: ``system`` = glibc's default (a fresh ``mmap`` for every
+large block), ``reuse`` = freed memory kept for reuse (:func:`swinlab.engine.allocator.reuse_freed_memory`, what
+``swinlab train`` does)."""
+
+
+def use_allocator(kind: str) -> None:
+    """Apply ``--allocator`` ``kind`` to this worker process (before its first timed step)."""
+    if kind not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {kind!r} (choose one of {', '.join(ALLOCATORS)})")
+    if kind == "reuse":
+        from swinlab.engine.allocator import reuse_freed_memory
+
+        if not reuse_freed_memory():
+            raise SystemExit("--allocator reuse needs glibc's malloc (Linux)")
 
 
 LINEAR_BACKENDS = ("mkl", "onednn")

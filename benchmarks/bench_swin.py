@@ -29,6 +29,10 @@ allocation), a cost that is high in this VM and that the eager rows differ in.
 MKL on x86) and ``+onednn`` (``swinlab.layers.Linear``'s oneDNN path; by default the weight gradient takes it on
 AVX-512 CPUs only): the ablation that shows how much of swinlab's speed is the GEMM backend, on any machine.
 
+``--allocator reuse`` runs every implementation with freed CPU memory kept for reuse (``swinlab.engine.allocator``,
+on in ``swinlab train``; the default ``system`` is glibc's fresh ``mmap`` per large block, whose page faults cost
+more than some kernels in this VM): a process setting, so it applies to the peers too.
+
 ``--optimizer`` picks the AdamW of the training step (``plain``: torch's default for all, the default; ``fused``:
 ``fused=True`` for all; ``engine``: swinlab's own ``build_optimizer`` for swinlab rows, torch's default for the
 peers). ``--impls`` / ``--no-local`` / ``--modes``
@@ -45,6 +49,7 @@ import tempfile
 from pathlib import Path
 
 from _common import (
+    ALLOCATORS,
     LINEAR_BACKENDS,
     available,
     force_linear_backend,
@@ -175,6 +180,8 @@ def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **ex
         args.weights,
         "--optimizer",
         args.optimizer,
+        "--allocator",
+        args.allocator,
     ]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
@@ -209,6 +216,9 @@ def main() -> None:
     )
     parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
     parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="system", help="CPU allocator setting of every implementation"
+    )
     parser.add_argument("--json", default=None, help="write all raw results here")
     # worker-only arguments
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -298,7 +308,7 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
             f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | {r['page_faults'] / 1e3:.0f}k | "
             f"{r['first_step_s']:.1f} | {100 * r['busy_others']:.0f}% |"
         )
-    print(f"training step optimizer: {args.optimizer} (see make_optimizer)")
+    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer); allocator: {args.allocator}")
     for variant in ("", "+compile", "+freeze", *(f"+{b}" for b in LINEAR_BACKENDS)):
         peer_variant = variant if variant in ("+compile", "+freeze") else ""  # ablations vs the eager peers
         peers = ("timm" + peer_variant, "torchvision" + peer_variant)

@@ -19,7 +19,8 @@ stage's spatial grid at least one 7x7 window, so both implementations compute th
 relative-position slicing that torchvision copies is wrong only when a spatial axis is clamped); 8 frames (4 temporal
 tokens, the temporal window clamped from 8 to 4) halves the cost of the paper's 16-32 frames. FLOPs from
 ``swinlab.metrics.flops.flop_counter`` (FlopCounterMode taught SDPA's CPU kernel) on one forward of each
-implementation, the largest used; train counted as 3x forward.
+implementation, the largest used; train counted as 3x forward. ``--allocator reuse`` applies
+``swinlab.engine.allocator.reuse_freed_memory`` to every implementation (see ``bench_swin.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from _common import (
+    ALLOCATORS,
     LINEAR_BACKENDS,
     available,
     force_linear_backend,
@@ -42,6 +44,7 @@ from _common import (
     run_json,
     run_mode,
     save_shared_weights,
+    use_allocator,
     venv_label,
 )
 
@@ -122,6 +125,7 @@ def alternate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
+    use_allocator(args.allocator)
     x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
     steps = {
         impl: make_step(build(impl, args.weights), x, args.mode, impl, args.optimizer, num_classes=400)
@@ -139,7 +143,7 @@ def alternate(args: argparse.Namespace) -> None:
 
 def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
     cmd = [python, __file__, "--worker", "--impl", impl, "--mode", mode, "--weights", args.weights]
-    for key in ("threads", "batch", "frames", "img", "iters", "warmup", "optimizer"):
+    for key in ("threads", "batch", "frames", "img", "iters", "warmup", "optimizer", "allocator"):
         cmd += [f"--{key}", str(getattr(args, key))]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
@@ -164,6 +168,9 @@ def main() -> None:
         help="also measure swinlab with its linears forced onto MKL (+mkl) and onto oneDNN (+onednn): the ablation",
     )
     parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="system", help="CPU allocator setting of every implementation"
+    )
     parser.add_argument("--json", default=None, help="write all raw results here")
     parser.add_argument(
         "--alternate", action="store_true", help="also run both in one peer process, alternating steps (see alternate)"
@@ -249,7 +256,7 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
             f"{r['median_s'] * 1e3:.0f} | {gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | "
             f"{100 * r['busy_others']:.0f}% |"
         )
-    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer)")
+    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer); allocator: {args.allocator}")
     for mode in ("infer", "train"):
         for label in sorted({r["label"] for r in rows if r["impl"].startswith("swinlab")}):
             speed, memory = per_round_ratios(rows, mode, label, ("torchvision",), "clips_per_s")

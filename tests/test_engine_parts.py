@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -223,3 +226,33 @@ def test_classification_task_evaluate_and_finalize(num_classes):
         assert metrics["val_top5"] == 100.0
     assert task.finalize({k: 0.0 for k in sums}) == {}  # an empty shard everywhere
     assert math.isfinite(metrics["val_loss"])
+
+
+# -- allocator ---------------------------------------------------------------------------------------------
+
+_FAULTS_OF_A_SECOND_BLOCK = """
+import resource, sys, torch
+from swinlab.engine.allocator import reuse_freed_memory
+took = reuse_freed_memory() if sys.argv[1] == "reuse" else None
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 << 20).fill_(1.0)  # 64 MiB, above glibc's largest mmap threshold; freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(took, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_reuse_freed_memory_spares_the_page_faults_of_a_repeated_large_tensor():
+    def run(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_SECOND_BLOCK, mode], capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+        return out[0], int(out[1])
+
+    took, reused = run("reuse")
+    _, system = run("system")
+    pages = (64 << 20) // resource.getpagesize()
+    assert took == "True"
+    assert system > pages // 2  # glibc maps the block anew each time: every page faults again
+    assert reused < pages // 20  # kept in the heap: the second block touches pages already in place

@@ -151,6 +151,9 @@ class TrainConfig:
     """Cut each epoch short (smoke tests)."""
     threads: int | None = None
     """``torch.set_num_threads`` for CPU runs; ``None`` leaves torch's default."""
+    reuse_cpu_memory: bool = True
+    """Keep freed CPU memory in the process (``swinlab.engine.allocator``): large activations then cost no fresh page
+    faults each step (SwinV2-T CPU training ~1.2x faster); ``false`` leaves the C library's default."""
 
 
 class ConfigError(ValueError):

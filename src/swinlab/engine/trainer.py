@@ -15,6 +15,7 @@ from torch import nn
 
 from swinlab.config import TrainConfig, apply_overrides, from_dict
 from swinlab.engine import precision
+from swinlab.engine.allocator import reuse_freed_memory
 from swinlab.engine.checkpoint import load_checkpoint
 from swinlab.engine.distributed import DistEnv, process_group
 from swinlab.engine.loop import fit, run_evaluation
@@ -23,7 +24,9 @@ from swinlab.engine.tasks import ClassificationTask, LanguageModelingTask, Task
 
 
 def configure_runtime(cfg: TrainConfig) -> None:
-    """Process-wide switches: CPU threads and deterministic kernels."""
+    """Process-wide switches: CPU threads, reuse of freed CPU memory and deterministic kernels."""
+    if cfg.reuse_cpu_memory:
+        reuse_freed_memory()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
