@@ -230,7 +230,7 @@ def test_classification_task_evaluate_and_finalize(num_classes):
 
 # -- allocator ---------------------------------------------------------------------------------------------
 
-_FAULTS_OF_A_SECOND_BLOCK = """
+_FAULTS_OF_REPEATED_BLOCKS = """
 import resource, sys, torch
 from swinlab.engine.allocator import reuse_freed_memory
 took = reuse_freed_memory() if sys.argv[1] == "reuse" else None
@@ -238,15 +238,15 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(16 << 20).fill_(1.0)  # 64 MiB, above glibc's largest mmap threshold; freed at once
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()
-print(took, faults())
+warmup = [faults() for _ in range(2)]
+print(took, sum(faults() for _ in range(8)))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_reuse_freed_memory_spares_the_page_faults_of_a_repeated_large_tensor():
+def test_reuse_freed_memory_spares_the_page_faults_of_repeated_large_tensors():
     def run(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_SECOND_BLOCK, mode], capture_output=True,
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_REPEATED_BLOCKS, mode], capture_output=True,
                              text=True, check=True).stdout.split()  # fmt: skip
         return out[0], int(out[1])
 
@@ -254,5 +254,7 @@ def test_reuse_freed_memory_spares_the_page_faults_of_a_repeated_large_tensor():
     _, system = run("system")
     pages = (64 << 20) // resource.getpagesize()
     assert took == "True"
-    assert system > pages // 2  # glibc maps the block anew each time: every page faults again
-    assert reused < pages // 20  # kept in the heap: the second block touches pages already in place
+    assert system > 7 * pages  # glibc maps the block anew each time: all 8 blocks fault every page again
+    # Kept in the heap: a block lands on pages already in place. Small allocations in between can fragment the
+    # freed block, and the heap then grows once or twice more before every block fits: the steady state of a loop.
+    assert reused < 3 * pages
