@@ -169,9 +169,7 @@ large block), ``reuse`` = freed memory kept for reuse (:func:`swinlab.engine.all
 
 
 def use_allocator(kind: str) -> None:
-    """Apply ``--allocator`` ``kind`` to this worker process (before its first timed step)."""
-    if kind not in ALLOCATORS:
-        raise ValueError(f"unknown allocator {kind!r} (choose one of {', '.join(ALLOCATORS)})")
+    """Apply ``--allocator`` ``kind`` (one of :data:`ALLOCATORS`, checked by argparse) to this worker process."""
     if kind == "reuse":
         from swinlab.engine.allocator import reuse_freed_memory
 
