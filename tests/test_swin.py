@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from swinlab import create_model
+from swinlab.layers import PatchMergingV2
 from swinlab.models.checkpoints import load_official
-from swinlab.models.swin import SwinBlockV1, SwinTransformerV2
+from swinlab.models.swin import SwinBlockV1, SwinBlockV2, SwinTransformerV2, swin_stages
 
 TINY = dict(patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, num_classes=5)
 
@@ -209,6 +211,33 @@ def test_heads_must_divide_width():
         tiny(num_heads=(2, 3))
     with pytest.raises(ValueError, match="one entry per stage"):
         tiny(num_heads=(2,))
+    with pytest.raises(ValueError, match=r"pretrained_window_size \(\(4, 4\),\) must have one entry per stage"):
+        tiny(pretrained_window_sizes=(4,))
+
+
+def test_stage_builder_hands_the_injected_block_its_schedule():
+    """``swin_stages`` owns what every Swin shares (widths, shift alternation, the stochastic-depth ramp over all
+    blocks, per-stage block options, merging between stages); the block is whatever callable it is given."""
+    calls = []
+
+    def block(dim, heads, window, shift, *, drop_path, pretrained_window_size, **common):
+        calls.append((dim, heads, window, shift, drop_path, pretrained_window_size))
+        return nn.Identity()
+
+    stages = swin_stages(
+        block, PatchMergingV2, 8, (2, 1, 1), (1, 2, 4), (4, 6), drop_path_rate=0.3,
+        stage_kwargs={"pretrained_window_size": [(3, 3), (5, 5), (0, 0)]}, extra_norm_period=2,
+    )  # fmt: skip
+    assert calls == [
+        (8, 1, (4, 6), (0, 0), 0.0, (3, 3)),
+        (8, 1, (4, 6), (2, 3), pytest.approx(0.1), (3, 3)),
+        (16, 2, (4, 6), (0, 0), pytest.approx(0.2), (5, 5)),
+        (32, 4, (4, 6), (0, 0), pytest.approx(0.3), (0, 0)),
+    ]
+    assert [type(s.downsample) for s in stages] == [PatchMergingV2, PatchMergingV2, type(None)]
+    assert list(stages[0].extra_norms) == ["1"] and not hasattr(stages[1], "extra_norms")
+    model = tiny()
+    assert {type(b) for layer in model.layers for b in layer.blocks} == {SwinBlockV2}
 
 
 @pytest.mark.slow

@@ -8,14 +8,15 @@ import torch
 from torch import nn
 
 from swinlab import create_model, list_models
-from swinlab.layers import PatchEmbed, gather_relative_bias
+from swinlab.layers import PatchEmbed, PatchMerging, PatchMergingV2, gather_relative_bias
+from swinlab.models.swin import SwinBlockV1, swin_stages
 from swinlab.models.video_checkpoints import (
     inflate_bias_table,
     inflate_from_2d,
     inflate_patch_kernel,
     load_official_video,
 )
-from swinlab.models.video_swin import SwinTransformer3D, VideoSwinClassifier, swin_stages
+from swinlab.models.video_swin import SwinBlockV2PerAxis, SwinTransformer3D, VideoSwinClassifier
 
 TINY = dict(patch_size=(2, 4, 4), embed_dim=8, depths=(2, 2), num_heads=(2, 4), window_size=(2, 4, 4), patch_norm=True)
 
@@ -173,7 +174,7 @@ class SwinV1Image(nn.Module):
     def __init__(self, embed_dim: int = 8, depths=(2, 2), num_heads=(2, 4), window: int = 4) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed((4, 4), 3, embed_dim)
-        self.layers = swin_stages(embed_dim, depths, num_heads, (window, window))
+        self.layers = swin_stages(SwinBlockV1, PatchMerging, embed_dim, depths, num_heads, (window, window))
         self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
         self.head = nn.Linear(self.norm.normalized_shape[0], 10)
 
@@ -307,9 +308,25 @@ def test_v2_option_shapes_parameters_and_grads():
     assert out.shape == (2, 16, 4, 4, 5) and torch.isfinite(out).all()
     out.square().mean().backward()
     assert attn.cpb_mlp[0].weight.grad.abs().sum() > 0 and attn.logit_scale.grad.abs().sum() > 0
+
+
+def test_swin_version_picks_the_parts_handed_to_the_stages():
+    """``swin_version`` is resolved once, at the constructor, into the block and merging the shared stage builder
+    assembles; each version refuses the option it cannot use instead of ignoring it."""
+    for version, block, merging in [(1, SwinBlockV1, PatchMerging), (2, SwinBlockV2PerAxis, PatchMergingV2)]:
+        model = backbone(swin_version=version)
+        assert {type(b) for layer in model.layers for b in layer.blocks} == {block}
+        assert type(model.layers[0].downsample) is merging and model.layers[-1].downsample is None
+    assert backbone(qk_scale=0.5).layers[1].blocks[0].attn.scale == 0.5
+    v2 = backbone(swin_version=2, pretrained_window_size=(2, 3, 3))
+    assert {b.attn.pretrained_window for layer in v2.layers for b in layer.blocks} == {(2, 3, 3)}
     with pytest.raises(ValueError, match="qk_scale"):
         backbone(swin_version=2, qk_scale=0.5)
-    with pytest.raises(ValueError, match="version"):
+    with pytest.raises(ValueError, match="pretrained_window_size"):
+        backbone(pretrained_window_size=(2, 4, 4))
+    with pytest.raises(ValueError, match="one entry per window axis"):
+        backbone(swin_version=2, pretrained_window_size=(4, 4))
+    with pytest.raises(ValueError, match="swin_version must be 1"):
         backbone(swin_version=3)
 
 
@@ -339,8 +356,6 @@ def test_v2_short_clip_clamps_only_time():
 def test_v1_block_in_place_residuals_give_the_reference_gradients():
     """The V1 block adds its residuals in place into the branch outputs; values and gradients must equal the
     textbook ``x + f(norm(x))`` form."""
-    from swinlab.models.swin import SwinBlockV1
-
     torch.manual_seed(0)
     block = SwinBlockV1(16, 2, (2, 4, 4), (1, 2, 2)).train()
     x = torch.randn(2, 4, 8, 8, 16, requires_grad=True)

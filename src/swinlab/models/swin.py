@@ -19,7 +19,8 @@ Beyond the official code:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,16 @@ def init_swin_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def init_swin(model: nn.Module) -> None:
+    """Initialise a whole Swin model as the official code does: :func:`init_swin_weights` on every module, then
+    the V2 blocks' post-norms zeroed. Keyed on the block class rather than on a version flag, so a model that
+    received its blocks by injection needs to know nothing about which kind it got."""
+    model.apply(init_swin_weights)
+    for module in model.modules():
+        if isinstance(module, SwinBlockV2):
+            module.init_post_norms()
 
 
 class _SwinBlock(nn.Module):
@@ -201,6 +212,79 @@ class SwinStage(nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
+def swin_stages(
+    block: Callable[..., nn.Module],
+    downsample: Callable[..., nn.Module],
+    embed_dim: int,
+    depths: Sequence[int],
+    num_heads: Sequence[int],
+    window_size: tuple[int, ...],
+    *,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    drop_rate: float = 0.0,
+    attn_drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    norm_layer: type[nn.Module] = nn.LayerNorm,
+    stage_kwargs: Mapping[str, Sequence[Any]] | None = None,
+    extra_norm_period: int = 0,
+    extra_norm_stage: bool = False,
+) -> nn.ModuleList:
+    """The stages of every Swin in swinlab, of any rank (``len(window_size)``): widths C, 2C, 4C, ..., blocks
+    alternating shift 0 / window // 2, ``downsample`` after every stage but the last, stochastic depth rising
+    linearly from 0 to ``drop_path_rate`` over all blocks (the official schedule).
+
+    Why one builder: Swin V2 (2D) and Video Swin (3D, V1 or V2 blocks) differ only in the block and the patch
+    merging, so those are passed in, as torchvision's ``SwinTransformer(block=..., downsample_layer=...)``, and
+    the schedule, the shifts and the checks exist once. It lives here, beside the blocks and :class:`SwinStage`
+    it assembles, because Video Swin already builds on them from this file.
+
+    ``block`` is called as ``block(dim, num_heads, window_size, shift_size, mlp_ratio=, qkv_bias=, drop=,
+    attn_drop=, drop_path=, norm_layer=, **kwargs)`` (bind block-specific options with
+    :func:`functools.partial`); ``stage_kwargs`` maps further block keywords to one value per stage (Swin V2's
+    per-stage ``pretrained_window_size``). ``downsample`` is called as ``downsample(dim, norm_layer=)``.
+    ``extra_norm_period`` / ``extra_norm_stage``: a ``norm_layer`` after every k-th block / after the last block
+    of each stage (the paper's SwinV2-H/G).
+    """
+    depths, num_heads, window_size = tuple(depths), tuple(num_heads), tuple(window_size)
+    per_stage = {name: tuple(values) for name, values in (stage_kwargs or {}).items()}
+    if any(len(values) != len(depths) for values in (num_heads, *per_stage.values())):
+        listed = ", ".join(f"{k} {v}" for k, v in {"depths": depths, "num_heads": num_heads, **per_stage}.items())
+        raise ValueError(f"{listed} must have one entry per stage")
+    widths = [embed_dim * 2**i for i in range(len(depths))]
+    for i, (width, heads) in enumerate(zip(widths, num_heads, strict=True)):
+        if width % heads:
+            raise ValueError(f"num_heads[{i}]={heads} does not divide the width {width} of stage {i}")
+    total = sum(depths)
+    rates = iter([drop_path_rate * i / max(total - 1, 1) for i in range(total)])
+    shifts = ((0,) * len(window_size), tuple(w // 2 for w in window_size))
+    stages = nn.ModuleList()
+    for i, (depth, width, heads) in enumerate(zip(depths, widths, num_heads, strict=True)):
+        kwargs = {name: values[i] for name, values in per_stage.items()}
+        blocks = [
+            block(
+                width,
+                heads,
+                window_size,
+                shifts[j % 2],
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=next(rates),
+                norm_layer=norm_layer,
+                **kwargs,
+            )
+            for j in range(depth)
+        ]
+        extra = [j for j in range(depth) if extra_norm_period and (j + 1) % extra_norm_period == 0]
+        if extra_norm_stage and depth - 1 not in extra:
+            extra.append(depth - 1)
+        merge = downsample(width, norm_layer=norm_layer) if i < len(depths) - 1 else None
+        stages.append(SwinStage(blocks, merge, {j: norm_layer(width) for j in extra}))
+    return stages
+
+
 class SwinTransformerV2(nn.Module):
     """Swin V2 classifier / backbone. Keyword names and defaults follow the official constructor, so official
     configs map one to one (``use_checkpoint`` is gradient checkpointing; ``img_size`` only sizes
@@ -237,21 +321,11 @@ class SwinTransformerV2(nn.Module):
         extra_norm_stage: bool = False,
     ) -> None:
         super().__init__()
-        depths, num_heads = tuple(depths), tuple(num_heads)
         pretrained_window_sizes = tuple(pretrained_window_sizes or (0,) * len(depths))
-        if not len(depths) == len(num_heads) == len(pretrained_window_sizes):
-            raise ValueError(
-                f"depths {depths}, num_heads {num_heads} and pretrained_window_sizes "
-                f"{pretrained_window_sizes} must have one entry per stage"
-            )
-        widths = [embed_dim * 2**i for i in range(len(depths))]
-        for i, (width, heads) in enumerate(zip(widths, num_heads, strict=True)):
-            if width % heads:
-                raise ValueError(f"num_heads[{i}]={heads} does not divide the width {width} of stage {i}")
         self.in_chans, self.embed_dim, self.num_layers = in_chans, embed_dim, len(depths)
         self.img_size, self.patch_size = _tuple(img_size, 2), _tuple(patch_size, 2)
         self.window_size = window_size
-        self.num_features = widths[-1]
+        self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.features_only = features_only
 
         self.patch_embed = PatchEmbed(
@@ -267,31 +341,23 @@ class SwinTransformerV2(nn.Module):
             self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
 
-        total = sum(depths)  # stochastic depth grows linearly from 0 to drop_path_rate over all blocks
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        self.layers = nn.ModuleList()
-        for i, (depth, width) in enumerate(zip(depths, widths, strict=True)):
-            blocks = [
-                SwinBlockV2(
-                    width,
-                    num_heads[i],
-                    window_size=(window_size, window_size),
-                    shift_size=(0, 0) if j % 2 == 0 else (window_size // 2,) * 2,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=rates[sum(depths[:i]) + j],
-                    norm_layer=norm_layer,
-                    pretrained_window_size=(pretrained_window_sizes[i],) * 2,
-                )
-                for j in range(depth)
-            ]
-            extra = [j for j in range(depth) if extra_norm_period and (j + 1) % extra_norm_period == 0]
-            if extra_norm_stage and depth - 1 not in extra:
-                extra.append(depth - 1)
-            downsample = PatchMergingV2(width, norm_layer=norm_layer) if i < len(depths) - 1 else None
-            self.layers.append(SwinStage(blocks, downsample, {j: norm_layer(width) for j in extra}))
+        self.layers = swin_stages(
+            SwinBlockV2,
+            PatchMergingV2,
+            embed_dim,
+            depths,
+            num_heads,
+            (window_size, window_size),
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
+            stage_kwargs={"pretrained_window_size": [(p, p) for p in pretrained_window_sizes]},
+            extra_norm_period=extra_norm_period,
+            extra_norm_stage=extra_norm_stage,
+        )
 
         if features_only:
             num_classes = 0
@@ -301,10 +367,7 @@ class SwinTransformerV2(nn.Module):
         self.num_classes = num_classes
         self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.apply(init_swin_weights)
-        for layer in self.layers:
-            for block in layer.blocks:
-                block.init_post_norms()
+        init_swin(self)
         self.set_grad_checkpointing(use_checkpoint)
 
     # -- public toolkit interface --

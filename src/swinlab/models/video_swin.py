@@ -1,9 +1,10 @@
 """Video Swin Transformer (Liu, Ning et al. 2021): the official mmaction ``SwinTransformer3D`` backbone and an
-I3D-style classifier, built from the same rank-generic blocks as the 2D models.
+I3D-style classifier, built from the same rank-generic blocks and stage builder as the 2D models.
 
-A 3D window is the 2D machinery with one more axis: :class:`swinlab.models.swin.SwinBlockV1` (pre-norm, learned
-bias table, per-axis window clamping), :class:`swinlab.layers.PatchEmbed` with a ``Conv3d`` and the V1
-:class:`swinlab.layers.PatchMerging`, which halves only H and W. Key names equal the official ones
+A 3D window is the 2D machinery with one more axis: :func:`swinlab.models.swin.swin_stages` given
+:class:`swinlab.models.swin.SwinBlockV1` (pre-norm, learned bias table, per-axis window clamping) and the V1
+:class:`swinlab.layers.PatchMerging`, which halves only H and W, after a :class:`swinlab.layers.PatchEmbed` with a
+``Conv3d``. Key names equal the official ones
 (``patch_embed``, ``layers.i.blocks.j``, ``layers.i.downsample``, ``norm``; the classifier adds ``backbone.`` /
 ``cls_head.fc_cls.`` like the official recognizer checkpoints).
 
@@ -22,7 +23,8 @@ Deliberate differences from the official code (none is hit by standard settings 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from torch import nn
 
 from swinlab.layers import Linear, PatchEmbed, PatchMerging, PatchMergingV2
 from swinlab.models.registry import register_model
-from swinlab.models.swin import SwinBlockV1, SwinBlockV2, SwinStage, init_swin_weights
+from swinlab.models.swin import SwinBlockV1, SwinBlockV2, init_swin, swin_stages
 
 Size = tuple[int, ...]
 
@@ -42,64 +44,30 @@ class SwinBlockV2PerAxis(SwinBlockV2):
     per_axis_window = True
 
 
-def swin_stages(
-    embed_dim: int,
-    depths: Sequence[int],
-    num_heads: Sequence[int],
-    window_size: Size,
-    mlp_ratio: float = 4.0,
-    qkv_bias: bool = True,
-    qk_scale: float | None = None,
-    drop_rate: float = 0.0,
-    attn_drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-    norm_layer: type[nn.Module] = nn.LayerNorm,
-    *,
-    version: int = 1,
-    pretrained_window_size: Size | None = None,
-) -> nn.ModuleList:
-    """Swin stages for any rank (the rank is ``len(window_size)``): widths C, 2C, 4C, ..., blocks alternating
-    shift 0 / window // 2, patch merging after every stage but the last, stochastic depth rising linearly
-    from 0 to ``drop_path_rate`` over all blocks (the official schedule).
+def _block_and_merging(
+    swin_version: int, qk_scale: float | None, pretrained_window_size: Sequence[int] | None
+) -> tuple[Callable[..., nn.Module], type[nn.Module]]:
+    """The block and patch merging for ``swin_version``, handed to :func:`swinlab.models.swin.swin_stages`: the
+    int switch stays at the constructor (``swin_version`` is public API) and the stages only ever see parts.
 
-    ``version=1``: Video Swin's V1 blocks (pre-norm, dot-product attention, learned bias table) and pre-norm
-    merging. ``version=2``: Swin V2 blocks (res-post-norm with zero-initialised post-norms, scaled cosine
-    attention, continuous position bias over log-spaced offsets) and post-norm merging; ``qk_scale`` does not
-    apply, and ``pretrained_window_size`` is the window the CPB coordinates are normalised by (default: the
-    effective window).
+    ``1``: Video Swin's V1 blocks (pre-norm, dot-product attention scaled by ``qk_scale`` or ``head_dim**-0.5``,
+    learned bias table) and pre-norm merging. ``2``: Swin V2 blocks with the per-axis window rule (res-post-norm,
+    scaled cosine attention, log-spaced continuous position bias normalised by ``pretrained_window_size``,
+    default the effective window) and post-norm merging. An option the chosen version cannot use is refused
+    rather than ignored.
     """
-    depths, num_heads, window_size = tuple(depths), tuple(num_heads), tuple(window_size)
-    if len(depths) != len(num_heads):
-        raise ValueError(f"depths {depths} and num_heads {num_heads} must have one entry per stage")
-    if version not in (1, 2):
-        raise ValueError(f"version must be 1 (Video Swin) or 2 (Swin V2 techniques), got {version}")
-    if version == 2 and qk_scale is not None:
-        raise ValueError("qk_scale applies to dot-product attention (version 1); version 2 learns its logit scale")
-    pretrained = tuple(pretrained_window_size or (0,) * len(window_size))
-    if len(pretrained) != len(window_size):
-        raise ValueError(f"pretrained_window_size {pretrained} needs one entry per window axis {window_size}")
-    shift = tuple(w // 2 for w in window_size)
-    total = sum(depths)
-    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-    stages = nn.ModuleList()
-    for i, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
-        width = embed_dim * 2**i
-        if width % heads:
-            raise ValueError(f"num_heads[{i}]={heads} does not divide the width {width} of stage {i}")
-        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate)
-        blocks = []
-        for j in range(depth):
-            block_shift = (0,) * len(shift) if j % 2 == 0 else shift
-            extra = dict(drop_path=rates[sum(depths[:i]) + j], norm_layer=norm_layer, **common)
-            if version == 1:
-                blocks.append(SwinBlockV1(width, heads, window_size, block_shift, qk_scale=qk_scale, **extra))
-            else:
-                extra["pretrained_window_size"] = pretrained
-                blocks.append(SwinBlockV2PerAxis(width, heads, window_size, block_shift, **extra))
-        merging = PatchMerging if version == 1 else PatchMergingV2
-        downsample = merging(width, norm_layer=norm_layer) if i < len(depths) - 1 else None
-        stages.append(SwinStage(blocks, downsample))
-    return stages
+    if swin_version == 1:
+        if pretrained_window_size is not None:
+            raise ValueError("pretrained_window_size applies to the continuous position bias of version 2 only")
+        return partial(SwinBlockV1, qk_scale=qk_scale), PatchMerging
+    if swin_version == 2:
+        if qk_scale is not None:
+            raise ValueError("qk_scale applies to dot-product attention (version 1); version 2 learns its logit scale")
+        pretrained = tuple(pretrained_window_size or (0, 0, 0))
+        if len(pretrained) != 3:
+            raise ValueError(f"pretrained_window_size {pretrained} needs one entry per window axis (T, H, W)")
+        return partial(SwinBlockV2PerAxis, pretrained_window_size=pretrained), PatchMergingV2
+    raise ValueError(f"swin_version must be 1 (Video Swin) or 2 (Swin V2 techniques), got {swin_version}")
 
 
 def _triple(value: int | Sequence[int], what: str) -> Size:
@@ -119,7 +87,8 @@ class SwinTransformer3D(nn.Module):
     :func:`swinlab.models.video_checkpoints.inflate_from_2d` when ``pretrained2d`` is true, else official 3D
     weights via :func:`swinlab.models.video_checkpoints.load_official_video`. ``frozen_stages`` = k >= 0 freezes
     the patch embedding and the first k stages (their parameters stop requiring grad and they stay in eval
-    mode); ``use_checkpoint`` enables gradient checkpointing.
+    mode); ``use_checkpoint`` enables gradient checkpointing. ``swin_version=2`` builds the stages from Swin V2
+    blocks and merging instead (see :func:`_block_and_merging`).
     """
 
     def __init__(
@@ -159,27 +128,21 @@ class SwinTransformer3D(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.swin_version = swin_version
         self.layers = swin_stages(
+            *_block_and_merging(swin_version, qk_scale, pretrained_window_size),
             embed_dim,
             depths,
             num_heads,
             self.window_size,
-            mlp_ratio,
-            qkv_bias,
-            qk_scale,
-            drop_rate,
-            attn_drop_rate,
-            drop_path_rate,
-            norm_layer,
-            version=swin_version,
-            pretrained_window_size=pretrained_window_size,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
         )
         self.norm = norm_layer(self.num_features)
 
-        self.apply(init_swin_weights)
-        if swin_version == 2:
-            for layer in self.layers:
-                for block in layer.blocks:
-                    block.init_post_norms()
+        init_swin(self)
         self.set_grad_checkpointing(use_checkpoint)
         if pretrained is not None:
             from swinlab.models.video_checkpoints import inflate_from_2d, load_official_video
