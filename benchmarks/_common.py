@@ -1,5 +1,7 @@
 """Helpers shared by the benchmark scripts: the timing protocol, machine-load accounting, the GEMM peak, the
-training-step optimizer and running a measurement in a subprocess of another interpreter.
+training-step optimizer, running a measurement in a subprocess of another interpreter, and what ``bench_swin.py``
+and ``bench_video_swin.py`` share: their worker processes, the rounds of rows, the results table and the ratio
+lines, the official-to-torchvision key mapping.
 
 Why subprocesses: every (implementation, mode) pair gets its own process, so its peak RSS is its own, and peers that
 need another torch (timm / torchvision beside torch 2.14.1) run from their own venv.
@@ -7,15 +9,22 @@ need another torch (timm / torchvision beside torch 2.14.1) run from their own v
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def _proc_stat() -> tuple[float, float]:
@@ -77,13 +86,7 @@ def make_step(model, x, mode: str, impl: str, optimizer: str, num_classes: int) 
     import torch
 
     if mode == "infer":
-        model.eval()
-
-        def infer() -> None:
-            with torch.inference_mode():
-                model(x)
-
-        return infer
+        return infer_step(model, x)
     model.train()
     opt = make_optimizer(model, impl, optimizer)
     y = torch.randint(0, num_classes, (x.shape[0],))
@@ -94,6 +97,19 @@ def make_step(model, x, mode: str, impl: str, optimizer: str, num_classes: int) 
         opt.zero_grad(set_to_none=True)
 
     return train
+
+
+def infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """``model`` in eval mode; one ``inference_mode`` forward on ``x`` as a zero-argument callable."""
+    import torch
+
+    model.eval()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return infer
 
 
 def run_mode(model, x, args, num_classes: int, unit: str) -> dict | None:
@@ -208,11 +224,12 @@ def gemm_peak(threads: int, n: int = 2048, iters: int = 10) -> dict[str, float]:
     peaks = {}
     for name, fn in kernels.items():
         fn()
-        peaks[name] = 2 * n**3 / min(_timed(fn) for _ in range(iters)) / 1e9
+        peaks[name] = 2 * n**3 / min(timed(fn) for _ in range(iters)) / 1e9
     return peaks
 
 
-def _timed(fn) -> float:
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -234,3 +251,211 @@ def available(python: str, impl: str) -> bool:
     """Whether ``impl``'s module (the part before any ``+variant``) imports in ``python``."""
     module = impl.partition("+")[0]
     return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+# What bench_swin.py and bench_video_swin.py share: each script runs itself as the worker (``--worker``) of every
+# (interpreter, implementation, mode); a parent passes it the settings named in WORKER_ARGS.
+
+Impl = tuple[str, str]
+"""(python interpreter, implementation name such as ``swinlab+compile``): one column of a run."""
+
+Run = Callable[..., "dict | None"]
+"""``run(python, impl, mode, **extra)``: :func:`run_worker` with the script and its settings bound."""
+
+WORKER_ARGS = ("threads", "batch", "img", "iters", "warmup", "weights", "optimizer", "allocator")
+"""The parent's settings every worker gets (a script adds its own, such as ``frames``, through ``forward``)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, batch: int, img: int, iters: int, warmup: int) -> None:
+    """The options both scripts have (with their defaults of ``batch``, ``img``, ``iters``, ``warmup``) and the
+    hidden ones of their worker processes."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--img", type=int, default=img)
+    parser.add_argument("--iters", type=int, default=iters)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat all rows, interleaved, this many times")
+    parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
+    parser.add_argument(
+        "--linear-backends",
+        action="store_true",
+        help="also measure swinlab with its linears forced onto MKL (+mkl) and onto oneDNN (+onednn): the ablation",
+    )
+    parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
+    parser.add_argument(
+        "--allocator", choices=ALLOCATORS, default="system", help="CPU allocator setting of every implementation"
+    )
+    parser.add_argument("--json", default=None, help="write all raw results here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+
+
+def run_worker(
+    script: str, python: str, impl: str, mode: str, args: argparse.Namespace, forward: Sequence[str] = (), **extra
+) -> dict | None:
+    """Run ``script --worker`` with ``python`` for one ``impl`` and ``mode``, passing on the :data:`WORKER_ARGS` and
+    ``forward`` settings of ``args`` and ``extra`` as ``--key value``; returns its JSON result (:func:`run_json`)."""
+    cmd = [python, script, "--worker", "--impl", impl, "--mode", mode]
+    for key in (*WORKER_ARGS, *forward):
+        cmd += [f"--{key}", str(getattr(args, key))]
+    for key, value in extra.items():
+        cmd += [f"--{key}", str(value)]
+    return run_json(cmd, args.threads, f"{impl}/{mode}")
+
+
+def setup_worker(threads: int) -> None:
+    """This worker process: ``threads`` intra-op threads, one inter-op thread, torch's seed 0."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+
+
+def worker(
+    args: argparse.Namespace,
+    build: Callable[[str, str | None], nn.Module],
+    sample: Sequence[int],
+    num_classes: int,
+    unit: str,
+) -> None:
+    """The worker side of :func:`run_worker`: ``build(args.impl, args.weights)``, a seeded random batch of
+    ``args.batch`` samples of shape ``sample``, then :func:`run_mode`; prints the result as one JSON line."""
+    import torch
+
+    setup_worker(args.threads)
+    model = build(args.impl, args.weights)
+    x = torch.randn(args.batch, *sample)
+    measured = run_mode(model, x, args, num_classes=num_classes, unit=unit)
+    if measured is not None:
+        print(json.dumps({"impl": args.impl, "mode": args.mode, "torch": torch.__version__, **measured}))
+
+
+def shared_inputs(model_name: str, key: str, shape: Sequence[int], prefix: str) -> Path:
+    """A fresh temporary folder holding ``weights.pt`` (:func:`save_shared_weights`) and ``input.pt``, a random
+    tensor of ``shape``: the full batch, so a compiled model's check and timing runs share one graph (and
+    inductor's on-disk cache)."""
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    save_shared_weights(model_name, tmp / "weights.pt", key=key)
+    torch.save(torch.randn(*shape), tmp / "input.pt")
+    return tmp
+
+
+def report_gemm_peak(threads: int) -> dict[str, float]:
+    """:func:`gemm_peak`, printed as it is measured."""
+    print(f"fp32 GEMM peak ({threads} threads): ", end="", flush=True)
+    peaks = gemm_peak(threads)
+    print(", ".join(f"{name} {value:.0f}" for name, value in peaks.items()) + " GFLOP/s", flush=True)
+    return peaks
+
+
+def check_logits(run: Run, impls: Sequence[Impl], tmp: Path) -> dict[str, float]:
+    """Every implementation's eval logits on ``tmp/input.pt`` (worker mode ``check``), as the largest absolute
+    difference to those of the first implementation whose check ran, by :func:`venv_label`."""
+    import torch
+
+    outputs = {}
+    for python, impl in impls:
+        out = tmp / f"{impl}-{Path(python).parent.parent.name}.pt"
+        run(python, impl, "check", input=tmp / "input.pt", output=out)
+        if out.exists():
+            outputs[venv_label(python, impl)] = torch.load(out, weights_only=True)
+    base = next(iter(outputs.values()))
+    return {label: float((o - base).abs().max()) for label, o in outputs.items()}
+
+
+def run_rounds(run: Run, impls: Sequence[Impl], modes: Sequence[str], rounds: int) -> list[dict]:
+    """Every (implementation, mode) row, ``rounds`` times with the implementations interleaved inside each round
+    (see :func:`per_round_ratios`); a row is the worker's result plus its ``round`` and ``label``
+    (:func:`venv_label`). ``+freeze`` variants run inference only."""
+    rows = []
+    for rnd in range(rounds):
+        for mode in modes:
+            for python, impl in impls:
+                if mode == "train" and impl.endswith("+freeze"):
+                    continue
+                label = venv_label(python, impl)
+                print(f"  round {rnd + 1}/{rounds} {mode:<5} {label}", flush=True)
+                res = run(python, impl, mode)
+                if res:
+                    rows.append({**res, "round": rnd, "label": label})
+    return rows
+
+
+Column = tuple[str, Callable[[dict], str]]
+"""A column of :func:`print_rows`: its header and the cell it prints for a row."""
+
+
+def print_rows(
+    rows: Sequence[dict],
+    flops: float,
+    peak: float,
+    args: argparse.Namespace,
+    name: Column,
+    rate: Column,
+    extra: Sequence[Column] = (),
+) -> None:
+    """The markdown table of ``rows``: round, ``name``, torch, mode, ``rate``, median ms, the GFLOP/s that
+    ``flops`` per sample imply (a training step counted as 3 forwards) and their share of the GEMM ``peak``, peak
+    RSS, the ``extra`` columns, busy; then the run's training-step optimizer and allocator."""
+
+    def gflops(r: dict) -> float:
+        return flops * args.batch * (3 if r["mode"] == "train" else 1) / r["median_s"] / 1e9
+
+    columns = [
+        ("round", lambda r: str(r["round"] + 1)),
+        name,
+        ("torch", lambda r: r["torch"]),
+        ("mode", lambda r: r["mode"]),
+        rate,
+        ("median ms", lambda r: f"{r['median_s'] * 1e3:.0f}"),
+        ("GFLOP/s", lambda r: f"{gflops(r):.0f}"),
+        ("% of GEMM peak", lambda r: f"{100 * gflops(r) / peak:.0f}%"),
+        ("peak RSS MiB", lambda r: f"{r['peak_rss_mib']:.0f}"),
+        *extra,
+        ("busy*", lambda r: f"{100 * r['busy_others']:.0f}%"),
+    ]
+    print("| " + " | ".join(header for header, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(cell(r) for _, cell in columns) + " |")
+    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer); allocator: {args.allocator}")
+
+
+def print_ratios(rows: list[dict], mode: str, label: str, peers: Sequence[str], rate: str, unit: str) -> None:
+    """The line of :func:`per_round_ratios` of row ``label`` against ``peers`` (by ``rate``, printed as ``unit``),
+    if any round holds both."""
+    speed, memory = per_round_ratios(rows, mode, label, peers, rate)
+    if speed:
+        against = peers[0] if len(peers) == 1 else f"faster of {' and '.join(peers)}"
+        print(
+            f"{mode}: {label} / {against}: {unit} ratio per round {', '.join(f'{v:.2f}' for v in speed)} "
+            f"(median {statistics.median(speed):.2f}x); peak RSS ratio median {statistics.median(memory):.2f}x"
+        )
+
+
+def torchvision_stage_key(parts: list[str], first: int) -> list[str]:
+    """The parts of an official key ``layers.i.blocks.j.<rest>`` or ``layers.i.downsample.<rest>`` in torchvision's
+    Swin layout, where stage ``i`` is ``features.(first + 2i)`` (``first`` is 1 where the patch embedding is
+    ``features.0``, as in ``swin_v2_*``, else 0) and its patch merging the next entry, and the MLP's ``fc1`` / ``fc2``
+    are ``mlp.0`` / ``mlp.3``."""
+    stage = int(parts[1])
+    if parts[2] == "downsample":
+        return ["features", str(first + 2 * stage + 1), *parts[3:]]
+    rest = ".".join(parts[4:]).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
+    return ["features", str(first + 2 * stage), parts[3], rest]
+
+
+def load_torchvision(model: nn.Module, state: dict, computed: str) -> None:
+    """Load ``state``, already in torchvision's layout, into the torchvision ``model``: every key must be used and
+    every key of ``model`` given, but for the buffers whose names contain ``computed`` (torchvision makes those)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if computed not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"torchvision key map incomplete: {missing[:5]} {unexpected[:5]}")

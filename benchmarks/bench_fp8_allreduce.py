@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from swinlab.engine.distributed import process_group
 from swinlab.fp8.comm import FP8CommState, fp8_allreduce_hook
+from swinlab.metrics import relative_l2_error
 
 EXPONENTS = range(-8, 5)
 NUMEL = 4096
@@ -74,10 +75,6 @@ def reduce_through_ddp(grads: list[torch.Tensor], state: FP8CommState | None, re
     return [p.grad.clone() for p in probe.params], sorted(times)[len(times) // 2] * 1e3
 
 
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / ref.norm())
-
-
 def run(repeats: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -97,7 +94,7 @@ def run(repeats: int) -> dict:
                 "fmt": fmt,
                 "scaling": scaling,
                 "exchange": exchange,
-                "rel_l2": [rel_l2(x, r) for x, r in zip(reduced, reference, strict=True)],
+                "rel_l2": [relative_l2_error(x, r) for x, r in zip(reduced, reference, strict=True)],
                 "nonfinite": int(sum((~torch.isfinite(x)).sum() for x in reduced)),
                 "bytes_per_element": state.stats.bytes_per_element,
                 "bytes_by_role": {k: v / state.stats.elements for k, v in state.stats.by_role.items()},

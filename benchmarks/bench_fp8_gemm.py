@@ -26,17 +26,14 @@ from torch import nn
 from swinlab.fp8 import E4M3, FP8Linear
 from swinlab.fp8.formats import get_format
 from swinlab.fp8.tensor import quantize_current
+from swinlab.metrics import relative_l2_error
 
 ROLES = ("forward", "dgrad", "wgrad")
 
 
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def cast_error(t: torch.Tensor, fmt: str) -> float:
     """Relative L2 error of one current-scaled round trip of ``t`` through ``fmt`` (what a first FP8 cast does)."""
-    return rel_l2(quantize_current(t, get_format(fmt)).dequantize(), t)
+    return relative_l2_error(quantize_current(t, get_format(fmt)).dequantize(), t)
 
 
 def gemm_errors(m: int, k: int, n: int, grad_format: str, seed: int = 0) -> dict[str, dict[str, float]]:
@@ -64,9 +61,9 @@ def gemm_errors(m: int, k: int, n: int, grad_format: str, seed: int = 0) -> dict
         "dW": cast_error(ref.weight.grad, E4M3.name),
     }
     measured = {
-        "forward": rel_l2(outputs["fp8"][0], outputs["ref"][0]),
-        "dgrad": rel_l2(outputs["fp8"][1], outputs["ref"][1]),
-        "wgrad": rel_l2(fp8.weight.fp8_grad.dequantize(), ref.weight.grad),
+        "forward": relative_l2_error(outputs["fp8"][0], outputs["ref"][0]),
+        "dgrad": relative_l2_error(outputs["fp8"][1], outputs["ref"][1]),
+        "wgrad": relative_l2_error(fp8.weight.fp8_grad.dequantize(), ref.weight.grad),
     }
     predicted = {
         "forward": math.hypot(cast["x"], cast["w"]),

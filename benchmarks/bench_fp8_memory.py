@@ -107,14 +107,20 @@ def measure(name: str, recipes: list[str], *, batch_size: int, warmup: int, step
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser, batch_help: str | None = None) -> None:
+    """The options of this benchmark's protocol, which ``bench_fp8_o3.py`` repeats per rank: models, batch size,
+    warm-up and timed steps, threads."""
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help=batch_help)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument("--threads", type=int, default=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     roles = " | ".join(SHORT[role] for role in ROLES)

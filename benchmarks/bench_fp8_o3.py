@@ -19,13 +19,11 @@ import statistics
 import torch
 import torch.distributed as dist
 
-from bench_fp8_memory import SHORT, build, make_batch, train_step
+from bench_fp8_memory import SHORT, add_arguments, build, make_batch, train_step
 from swinlab.engine.distributed import process_group
 from swinlab.fp8 import memory_report
 from swinlab.fp8.memory import ROLES
 from swinlab.fp8.shard import sharded_layers
-
-MODELS = ("gpt_micro", "swinv2_nano_window4_32", "swinv2_tiny_window8_256")
 
 
 def measure(name: str, *, batch_size: int, warmup: int, steps: int) -> list[str]:
@@ -56,11 +54,7 @@ def measure(name: str, *, batch_size: int, warmup: int, steps: int) -> list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--batch-size", type=int, default=4, help="per rank")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_arguments(parser, batch_help="per rank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with process_group():  # gloo on CPU, nccl on CUDA

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import swinlab
+from _common import infer_step, timed
 from swinlab.config import OptimConfig
 from swinlab.engine import build_optimizer
 from swinlab.layers import GMConv2d, fuse_gmconv
@@ -45,16 +45,6 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-def infer(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    model.eval()
-
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    return run
-
-
 def mask_work(model: nn.Module) -> Callable[[], None]:
     """What GMConv adds to a step, alone: every layer's mask and ``weight * mask`` forward, and their backward
     down to ``log_sigma`` and ``weight`` (driven by a sum, which adds one more pass: an upper bound). Timed
@@ -65,12 +55,6 @@ def mask_work(model: nn.Module) -> Callable[[], None]:
         sum(m.masked_weight().sum() for m in layers).backward()
 
     return run
-
-
-def timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
@@ -126,7 +110,7 @@ def main() -> None:
         args.rounds, args.warmup,
     )  # fmt: skip
     infer_times = interleaved(
-        {"plain": infer(plain, x), "gmconv_fused": infer(fused, x), "gmconv_unfused": infer(gmconv, x)},
+        {"plain": infer_step(plain, x), "gmconv_fused": infer_step(fused, x), "gmconv_unfused": infer_step(gmconv, x)},
         args.rounds, args.warmup,
     )  # fmt: skip
     mask_times = interleaved({"mask": mask_work(gmconv)}, rounds=10 * args.rounds, warmup=args.warmup)["mask"]

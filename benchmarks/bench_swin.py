@@ -43,22 +43,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import tempfile
+from functools import partial
 from pathlib import Path
 
 from _common import (
-    ALLOCATORS,
     LINEAR_BACKENDS,
+    add_arguments,
     available,
+    check_logits,
     force_linear_backend,
-    gemm_peak,
-    per_round_ratios,
-    run_json,
-    run_mode,
-    save_shared_weights,
-    venv_label,
+    load_torchvision,
+    print_ratios,
+    print_rows,
+    report_gemm_peak,
+    run_rounds,
+    run_worker,
+    shared_inputs,
+    torchvision_stage_key,
+    worker,
 )
 
 MODEL = "swinv2_tiny_window8_256"
@@ -106,16 +109,14 @@ def _build_eager(impl: str, weights: str | None):
 
         model = torchvision.models.swin_v2_t()
         if state is not None:
-            missing, unexpected = model.load_state_dict(official_to_torchvision(state), strict=False)
-            missing = [k for k in missing if "relative_" not in k]
-            if missing or unexpected:
-                raise RuntimeError(f"torchvision key map incomplete: {missing[:5]} {unexpected[:5]}")
+            load_torchvision(model, official_to_torchvision(state), computed="relative_")
         return model
     raise ValueError(f"unknown implementation {impl!r}")
 
 
 def official_to_torchvision(state: dict) -> dict:
-    """Official Swin V2 keys -> torchvision's swin_v2_* layout (stages are features.1,3,5,7; merges 2,4,6)."""
+    """Official Swin V2 keys -> torchvision's swin_v2_* layout (stages are features.1,3,5,7; merges 2,4,6; the
+    patch embedding features.0); the V2 ``q_bias`` / ``v_bias`` become one ``qkv.bias`` with a zero key bias."""
     import torch
 
     out = {}
@@ -126,77 +127,21 @@ def official_to_torchvision(state: dict) -> dict:
         if parts[0] == "patch_embed":
             key = key.replace("patch_embed.proj", "features.0.0").replace("patch_embed.norm", "features.0.2")
         elif parts[0] == "layers":
-            stage = int(parts[1])
-            if parts[2] == "downsample":
-                key = ".".join(["features", str(2 * stage + 2), *parts[3:]])
-            else:
-                # layers.i.blocks.j.<rest> -> features.(2i+1).j.<rest>
-                rest = ".".join(parts[4:]).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
-                key = f"features.{2 * stage + 1}.{parts[3]}.{rest}"
-                if key.endswith("attn.q_bias"):
-                    v_bias = state[".".join([*parts[:-1], "v_bias"])]
-                    key = key.replace("q_bias", "qkv.bias")
-                    value = torch.cat([value, torch.zeros_like(value), v_bias])
-                elif key.endswith("attn.v_bias"):
-                    continue
+            key = ".".join(torchvision_stage_key(parts, first=1))
+            if key.endswith("attn.q_bias"):
+                v_bias = state[".".join([*parts[:-1], "v_bias"])]
+                key = key.replace("q_bias", "qkv.bias")
+                value = torch.cat([value, torch.zeros_like(value), v_bias])
+            elif key.endswith("attn.v_bias"):
+                continue
         out[key] = value
     return out
-
-
-def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    torch.manual_seed(0)
-    model = build(args.impl, args.weights)
-    result: dict = {"impl": args.impl, "mode": args.mode, "torch": torch.__version__}
-    x = torch.randn(args.batch, 3, args.img, args.img)
-    measured = run_mode(model, x, args, num_classes=1000, unit="img")
-    if measured is not None:
-        print(json.dumps({**result, **measured}))
-
-
-def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
-    cmd = [
-        python,
-        __file__,
-        "--worker",
-        "--impl",
-        impl,
-        "--mode",
-        mode,
-        "--threads",
-        str(args.threads),
-        "--batch",
-        str(args.batch),
-        "--img",
-        str(args.img),
-        "--iters",
-        str(args.iters),
-        "--warmup",
-        str(args.warmup),
-        "--weights",
-        args.weights,
-        "--optimizer",
-        args.optimizer,
-        "--allocator",
-        args.allocator,
-    ]
-    for key, value in extra.items():
-        cmd += [f"--{key}", str(value)]
-    return run_json(cmd, args.threads, f"{impl}/{mode}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-python", default=None, help="interpreter with timm + torchvision (torch 2.14.1)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--img", type=int, default=256)
-    parser.add_argument("--iters", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="repeat all rows, interleaved, this many times")
+    add_arguments(parser, batch=8, img=256, iters=7, warmup=2)
     parser.add_argument(
         "--compile", action="store_true", help="also measure torch.compile'd variants of every implementation"
     )
@@ -205,40 +150,18 @@ def main() -> None:
         action="store_true",
         help="also measure torch.compile(options={'freezing': True}) variants of every implementation (infer only)",
     )
-    parser.add_argument(
-        "--linear-backends",
-        action="store_true",
-        help="also measure swinlab with its linears forced onto MKL (+mkl) and onto oneDNN (+onednn): the ablation",
-    )
     parser.add_argument("--impls", default="swinlab,timm,torchvision", help="comma-separated subset to run")
     parser.add_argument(
         "--no-local", action="store_true", help="skip swinlab on this interpreter (only the peer interpreter)"
     )
-    parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
-    parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
-    parser.add_argument(
-        "--allocator", choices=ALLOCATORS, default="system", help="CPU allocator setting of every implementation"
-    )
-    parser.add_argument("--json", default=None, help="write all raw results here")
-    # worker-only arguments
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--weights", help=argparse.SUPPRESS)
-    parser.add_argument("--input", help=argparse.SUPPRESS)
-    parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        worker(args, build, (3, args.img, args.img), num_classes=1000, unit="img")
         return
 
-    import torch
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_swin_"))
+    tmp = shared_inputs(MODEL, "model", (args.batch, 3, args.img, args.img), prefix="bench_swin_")
     args.weights = str(tmp / "weights.pt")
-    save_shared_weights(MODEL, args.weights, key="model")
-    # full batch, so a compiled model's check and timing runs share one graph (and inductor's on-disk cache)
-    torch.save(torch.randn(args.batch, 3, args.img, args.img), tmp / "input.pt")
+    run = partial(run_worker, __file__, args=args)
 
     names = args.impls.split(",")
     variants = [""] + ["+compile"] * args.compile + ["+freeze"] * args.freeze
@@ -253,32 +176,11 @@ def main() -> None:
             else:
                 print(f"  {impl} not importable with {args.peer_python}; skipped", file=sys.stderr)
 
-    print(f"fp32 GEMM peak ({args.threads} threads): ", end="", flush=True)
-    peaks = gemm_peak(args.threads)
-    peak = max(peaks.values())
-    print(", ".join(f"{name} {value:.0f}" for name, value in peaks.items()) + " GFLOP/s")
-    outputs = {}
-    flops = None
-    for python, impl in impls:
-        out = tmp / f"{impl}-{Path(python).parent.parent.name}.pt"
-        run_worker(python, impl, "check", args, input=tmp / "input.pt", output=out)
-        if out.exists():
-            outputs[venv_label(python, impl)] = torch.load(out, weights_only=True)
-        if flops is None:
-            flops = run_worker(python, impl, "flops", args)["flops_per_img"]
-    rows = []
-    for rnd in range(args.rounds):
-        for mode in args.modes.split(","):
-            for python, impl in impls:
-                if mode == "train" and impl.endswith("+freeze"):
-                    continue
-                print(f"  round {rnd + 1}/{args.rounds} {mode:<5} {venv_label(python, impl)}", flush=True)
-                res = run_worker(python, impl, mode, args)
-                if res:
-                    rows.append({**res, "round": rnd, "label": venv_label(python, impl)})
-    base = outputs[venv_label(*impls[0])]
-    diffs = {label: float((o - base).abs().max()) for label, o in outputs.items()}
-    report(rows, flops, peak, args, diffs)
+    peaks = report_gemm_peak(args.threads)
+    diffs = check_logits(run, impls, tmp)
+    flops = run(*impls[0], "flops")["flops_per_img"]
+    rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
+    report(rows, flops, max(peaks.values()), args, diffs)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -294,34 +196,17 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
         f"median of {args.iters} after {args.warmup} warm-up, {args.rounds} interleaved rounds; "
         f"{flops / 1e9:.2f} GFLOP/sample forward"
     )
-    print(
-        "| round | impl | torch | mode | img/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB "
-        "| page faults/step | first step s | busy* |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        work = flops * args.batch * (3 if r["mode"] == "train" else 1)
-        gflops = work / r["median_s"] / 1e9
-        print(
-            f"| {r['round'] + 1} | {r['impl']} | {r['torch']} | {r['mode']} | {r['imgs_per_s']:.2f} | "
-            f"{r['median_s'] * 1e3:.0f} | "
-            f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | {r['page_faults'] / 1e3:.0f}k | "
-            f"{r['first_step_s']:.1f} | {100 * r['busy_others']:.0f}% |"
-        )
-    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer); allocator: {args.allocator}")
+    faults = ("page faults/step", lambda r: f"{r['page_faults'] / 1e3:.0f}k")
+    first_step = ("first step s", lambda r: f"{r['first_step_s']:.1f}")
+    rate = ("img/s", lambda r: f"{r['imgs_per_s']:.2f}")
+    print_rows(rows, flops, peak, args, name=("impl", lambda r: r["impl"]), rate=rate, extra=(faults, first_step))
     for variant in ("", "+compile", "+freeze", *(f"+{b}" for b in LINEAR_BACKENDS)):
         peer_variant = variant if variant in ("+compile", "+freeze") else ""  # ablations vs the eager peers
         peers = ("timm" + peer_variant, "torchvision" + peer_variant)
         for mode in ("infer", "train"):
             labels = sorted({r["label"] for r in rows if r["mode"] == mode and r["impl"] == "swinlab" + variant})
             for label in labels:
-                speed, memory = per_round_ratios(rows, mode, label, peers, "imgs_per_s")
-                if speed:
-                    print(
-                        f"{mode}: {label} / faster of {' and '.join(peers)}: img/s ratio per round "
-                        f"{', '.join(f'{v:.2f}' for v in speed)} (median {statistics.median(speed):.2f}x); "
-                        f"peak RSS ratio median {statistics.median(memory):.2f}x"
-                    )
+                print_ratios(rows, mode, label, peers, "imgs_per_s", "img/s")
     print("max |logits - swinlab logits| on the shared weights:", {k: f"{v:.2e}" for k, v in diffs.items()})
 
 

@@ -29,23 +29,29 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
+from functools import partial
 from pathlib import Path
 
 from _common import (
-    ALLOCATORS,
     LINEAR_BACKENDS,
+    add_arguments,
     available,
+    check_logits,
     force_linear_backend,
-    gemm_peak,
+    load_torchvision,
     make_step,
     measure_steps,
-    per_round_ratios,
-    run_json,
-    run_mode,
-    save_shared_weights,
+    print_ratios,
+    print_rows,
+    report_gemm_peak,
+    run_rounds,
+    run_worker,
+    setup_worker,
+    shared_inputs,
+    torchvision_stage_key,
     use_allocator,
     venv_label,
+    worker,
 )
 
 MODEL = "video_swin_tiny"
@@ -74,10 +80,7 @@ def build(impl: str, weights: str | None):
         model = torchvision.models.video.swin3d_t()
         if weights:
             state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
-            missing, unexpected = model.load_state_dict(official_to_torchvision(state), strict=False)
-            missing = [k for k in missing if not k.endswith("relative_position_index")]
-            if missing or unexpected:
-                raise RuntimeError(f"torchvision key map incomplete: {missing[:5]} {unexpected[:5]}")
+            load_torchvision(model, official_to_torchvision(state), computed="relative_position_index")
         return model
     raise ValueError(f"unknown implementation {impl!r}")
 
@@ -92,28 +95,9 @@ def official_to_torchvision(state: dict) -> dict:
             continue
         parts = key.removeprefix("backbone.").split(".")
         if parts[0] == "layers":
-            stage = int(parts[1])
-            if parts[2] == "downsample":
-                parts = ["features", str(2 * stage + 1), *parts[3:]]
-            else:  # layers.i.blocks.j.<rest>
-                rest = ".".join(parts[4:]).replace("mlp.fc1", "mlp.0").replace("mlp.fc2", "mlp.3")
-                parts = ["features", str(2 * stage), parts[3], rest]
+            parts = torchvision_stage_key(parts, first=0)
         out[".".join(parts)] = value
     return out
-
-
-def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    torch.manual_seed(0)
-    model = build(args.impl, args.weights)
-    result: dict = {"impl": args.impl, "mode": args.mode, "torch": torch.__version__, "round": args.round}
-    x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
-    measured = run_mode(model, x, args, num_classes=400, unit="clip")
-    if measured is not None:
-        print(json.dumps({**result, **measured}))
 
 
 def alternate(args: argparse.Namespace) -> None:
@@ -122,9 +106,7 @@ def alternate(args: argparse.Namespace) -> None:
     per-pair clips/s ratios swinlab / torchvision (no per-implementation peak memory in this mode)."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    torch.manual_seed(0)
+    setup_worker(args.threads)
     use_allocator(args.allocator)
     x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
     steps = {
@@ -141,58 +123,26 @@ def alternate(args: argparse.Namespace) -> None:
     print(json.dumps({"mode": args.mode, "torch": torch.__version__, "times": times, "ratios": ratios}))
 
 
-def run_worker(python: str, impl: str, mode: str, args: argparse.Namespace, **extra) -> dict | None:
-    cmd = [python, __file__, "--worker", "--impl", impl, "--mode", mode, "--weights", args.weights]
-    for key in ("threads", "batch", "frames", "img", "iters", "warmup", "optimizer", "allocator"):
-        cmd += [f"--{key}", str(getattr(args, key))]
-    for key, value in extra.items():
-        cmd += [f"--{key}", str(value)]
-    return run_json(cmd, args.threads, f"{impl}/{mode}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-python", default=None, help="interpreter with torchvision (torch 2.14.1)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=1)
+    add_arguments(parser, batch=1, img=224, iters=5, warmup=1)
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3, help="repeat all rows, interleaved, this many times")
-    parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
     parser.add_argument("--no-local", action="store_true", help="skip swinlab on this interpreter")
-    parser.add_argument(
-        "--linear-backends",
-        action="store_true",
-        help="also measure swinlab with its linears forced onto MKL (+mkl) and onto oneDNN (+onednn): the ablation",
-    )
-    parser.add_argument("--optimizer", choices=("plain", "fused", "engine"), default="plain")
-    parser.add_argument(
-        "--allocator", choices=ALLOCATORS, default="system", help="CPU allocator setting of every implementation"
-    )
-    parser.add_argument("--json", default=None, help="write all raw results here")
     parser.add_argument(
         "--alternate", action="store_true", help="also run both in one peer process, alternating steps (see alternate)"
     )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--impl", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--weights", help=argparse.SUPPRESS)
-    parser.add_argument("--input", help=argparse.SUPPRESS)
-    parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        (alternate if args.impl == "alternate" else worker)(args)
+        if args.impl == "alternate":
+            alternate(args)
+        else:
+            worker(args, build, (3, args.frames, args.img, args.img), num_classes=400, unit="clip")
         return
 
-    import torch
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_vswin_"))
+    tmp = shared_inputs(MODEL, "state_dict", (args.batch, 3, args.frames, args.img, args.img), prefix="bench_vswin_")
     args.weights = str(tmp / "weights.pt")
-    save_shared_weights(MODEL, args.weights, key="state_dict")
-    torch.save(torch.randn(args.batch, 3, args.frames, args.img, args.img), tmp / "input.pt")
+    run = partial(run_worker, __file__, args=args, forward=("frames",))
 
     impls = [] if args.no_local else [(sys.executable, "swinlab")]
     if args.peer_python:
@@ -200,41 +150,23 @@ def main() -> None:
     if args.linear_backends:
         own = [(python, impl) for python, impl in impls if impl == "swinlab"]
         impls += [(python, f"swinlab+{b}") for python, _ in own for b in LINEAR_BACKENDS]
-    print(f"fp32 GEMM peak ({args.threads} threads): ", end="", flush=True)
-    peaks = gemm_peak(args.threads)
-    peak = max(peaks.values())
-    print(", ".join(f"{name} {value:.0f}" for name, value in peaks.items()) + " GFLOP/s", flush=True)
-    outputs, counted = {}, {}
-    for python, impl in impls:
-        out = tmp / f"{impl}-{Path(python).parent.parent.name}.pt"
-        run_worker(python, impl, "check", args, input=tmp / "input.pt", output=out)
-        if out.exists():
-            outputs[venv_label(python, impl)] = torch.load(out, weights_only=True)
-        counted[venv_label(python, impl)] = run_worker(python, impl, "flops", args)["flops_per_clip"]
+    peaks = report_gemm_peak(args.threads)
+    diffs = check_logits(run, impls, tmp)
+    counted = {venv_label(python, impl): run(python, impl, "flops")["flops_per_clip"] for python, impl in impls}
     # Both count the same function (swinlab's counter includes SDPA's CPU kernel); the largest is used in case an
     # implementation calls an op the counter does not know.
     flops = max(counted.values())
     print("counted GFLOP/clip:", {k: f"{v / 1e9:.2f}" for k, v in counted.items()}, flush=True)
-    base = next(iter(outputs.values()))
-    diffs = {label: float((o - base).abs().max()) for label, o in outputs.items()}
-    rows = []
-    for r in range(args.rounds):
-        for mode in args.modes.split(","):
-            for python, impl in impls:
-                print(f"  round {r + 1}/{args.rounds} {mode:<5} {venv_label(python, impl)}", flush=True)
-                res = run_worker(python, impl, mode, args, round=r)
-                if res:
-                    res["label"] = venv_label(python, impl)
-                    rows.append(res)
+    rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
     if args.alternate and args.peer_python:
         for mode in args.modes.split(","):
-            res = run_worker(args.peer_python, "alternate", mode, args)
+            res = run(args.peer_python, "alternate", mode)
             if res:
                 rows.append(res)
                 ratios = ", ".join(f"{r:.2f}" for r in res["ratios"])
                 print(f"{mode}, alternating steps in one process (torch {res['torch']}): swinlab / torchvision "
                       f"clips/s per step pair {ratios} (median {statistics.median(res['ratios']):.2f}x)")  # fmt: skip
-    report([r for r in rows if "impl" in r], flops, peak, args, diffs)
+    report([r for r in rows if "impl" in r], flops, max(peaks.values()), args, diffs)
     if args.json:
         raw = {"rows": rows, "flops_per_clip": flops, "gemm_peak": peaks, "max_abs_logit_diff": diffs}
         Path(args.json).write_text(json.dumps(raw, indent=1))
@@ -246,25 +178,11 @@ def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace
         f"\n{MODEL} vs torchvision swin3d_t, clip {clip}, {args.threads} threads, median of {args.iters} after "
         f"{args.warmup} warm-up, {args.rounds} interleaved rounds; {flops / 1e9:.1f} GFLOP/clip forward"
     )
-    print("| round | impl | torch | mode | clips/s | median ms | GFLOP/s | % of GEMM peak | peak RSS MiB | busy* |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        work = flops * args.batch * (3 if r["mode"] == "train" else 1)
-        gflops = work / r["median_s"] / 1e9
-        print(
-            f"| {r['round'] + 1} | {r['label']} | {r['torch']} | {r['mode']} | {r['clips_per_s']:.3f} | "
-            f"{r['median_s'] * 1e3:.0f} | {gflops:.0f} | {100 * gflops / peak:.0f}% | {r['peak_rss_mib']:.0f} | "
-            f"{100 * r['busy_others']:.0f}% |"
-        )
-    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer); allocator: {args.allocator}")
+    rate = ("clips/s", lambda r: f"{r['clips_per_s']:.3f}")
+    print_rows(rows, flops, peak, args, name=("impl", lambda r: r["label"]), rate=rate)
     for mode in ("infer", "train"):
         for label in sorted({r["label"] for r in rows if r["impl"].startswith("swinlab")}):
-            speed, memory = per_round_ratios(rows, mode, label, ("torchvision",), "clips_per_s")
-            if speed:
-                print(
-                    f"{mode}: {label} / torchvision: clips/s ratio per round {', '.join(f'{s:.2f}' for s in speed)} "
-                    f"(median {statistics.median(speed):.2f}x); peak RSS ratio median {statistics.median(memory):.2f}x"
-                )
+            print_ratios(rows, mode, label, ("torchvision",), "clips_per_s", "clips/s")
     print("max |logits - first row's logits| on the shared weights:", {k: f"{v:.2e}" for k, v in diffs.items()})
 
 

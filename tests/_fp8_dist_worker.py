@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from swinlab.metrics import relative_l2_error as rel_l2  # test_fp8_o3 imports it from here too
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 WORKER = Path(__file__)
 
@@ -29,10 +31,6 @@ def run_worker(mode: str, out: Path, *args: str, timeout: int = 300) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
-
-
-def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x - ref).norm() / ref.norm())
 
 
 def fp32_mean(t: torch.Tensor) -> torch.Tensor:

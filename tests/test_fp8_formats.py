@@ -7,12 +7,9 @@ import torch
 
 from swinlab.fp8 import E4M3, E5M2, ScaledFP8, ScalingMeta, compute_scale, quantize, saturating_cast
 from swinlab.fp8.formats import amax, get_format
+from swinlab.metrics import relative_l2_error
 
 ONE = torch.ones(())
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def current_quantize(x: torch.Tensor, fmt) -> ScaledFP8:
@@ -24,7 +21,7 @@ def test_round_trip_error_bounds(fmt, l2_bound):
     x = torch.randn(64, 64) * 3.0
     q = current_quantize(x, fmt)
     back = q.dequantize()
-    assert rel_l2(back, x) < l2_bound
+    assert relative_l2_error(back, x) < l2_bound
     # Round-to-nearest: every value in the normal range is within half a unit in the last place.
     normal = (x * q.scale).abs() >= torch.finfo(fmt.dtype).tiny
     rel = ((back - x).abs() / x.abs())[normal]

@@ -10,13 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from swinlab.fp8 import E4M3, E5M2, FP8Linear, ScaledFP8, quantize, scaled_mm
+from swinlab.metrics import relative_l2_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_fp8_gemm import ROLES, gemm_errors
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def operands(m: int, k: int, n: int, scale_a: float, scale_b: float) -> tuple[ScaledFP8, ScaledFP8]:
@@ -109,12 +106,12 @@ def test_fp8_linear_matches_fp32(grad_format, dgrad_bound, wgrad_bound):
     x, grad = torch.randn(4, 16, 128), torch.randn(4, 16, 96)
     out_ref, dx_ref = run(ref, x, grad)
     out, dx = run(fp8, x, grad)
-    assert rel_l2(out, out_ref) < 0.05  # measured 3.8%
-    assert rel_l2(dx, dx_ref) < dgrad_bound
+    assert relative_l2_error(out, out_ref) < 0.05  # measured 3.8%
+    assert relative_l2_error(dx, dx_ref) < dgrad_bound
     assert fp8.weight.grad is None
     wgrad = fp8.weight.fp8_grad
     assert isinstance(wgrad, ScaledFP8) and wgrad.fmt is E4M3 and wgrad.nbytes == 96 * 128 + 4
-    assert rel_l2(wgrad.dequantize(), ref.weight.grad) < wgrad_bound
+    assert relative_l2_error(wgrad.dequantize(), ref.weight.grad) < wgrad_bound
     torch.testing.assert_close(fp8.bias.grad, ref.bias.grad)
 
 
@@ -152,7 +149,7 @@ def test_fp8_grad_accumulates_and_zeroes():
     for x in (x1, x2):
         run(ref, x, grad)
         run(fp8, x, grad)
-    assert rel_l2(fp8.weight.fp8_grad.dequantize(), ref.weight.grad) < 0.08
+    assert relative_l2_error(fp8.weight.fp8_grad.dequantize(), ref.weight.grad) < 0.08
     fp8.zero_fp8_grad()
     assert fp8.weight.fp8_grad is None
 
@@ -188,7 +185,7 @@ def test_eval_mode_uses_current_scaling_and_keeps_history():
     x = torch.randn(8, 32) * 1000  # the delayed scale from training would saturate this
     with torch.no_grad():
         out = fp8(x)
-        assert rel_l2(out, F.linear(x, fp8.weight, fp8.bias)) < 0.05
+        assert relative_l2_error(out, F.linear(x, fp8.weight, fp8.bias)) < 0.05
     assert all(torch.equal(v, state[k]) for k, v in fp8.state_dict().items())
 
 
@@ -206,10 +203,10 @@ def test_scaling_policy_of_activations_and_output_grads(scaling):
     saturated = bool(fp8.input_meta.found_saturation), bool(fp8.grad_output_meta.found_saturation)
     if scaling == "current":
         assert saturated == (False, False)
-        assert rel_l2(out, out_ref) < 0.05 and rel_l2(dx, dx_ref) < 0.08
+        assert relative_l2_error(out, out_ref) < 0.05 and relative_l2_error(dx, dx_ref) < 0.08
     else:
         assert saturated == (True, True)
-        assert rel_l2(out, out_ref) > 0.2  # clipped to the stale range
+        assert relative_l2_error(out, out_ref) > 0.2  # clipped to the stale range
 
 
 def test_unaligned_layer_warns_pads_and_stays_accurate(cuda_rules):
@@ -219,8 +216,8 @@ def test_unaligned_layer_warns_pads_and_stays_accurate(cuda_rules):
     out_ref, dx_ref = run(ref, x, grad)
     out, dx = run(fp8, x, grad)
     assert out.shape == (3, 7, 36) and dx.shape == x.shape
-    assert rel_l2(out, out_ref) < 0.05 and rel_l2(dx, dx_ref) < 0.08
-    assert rel_l2(fp8.weight.fp8_grad.dequantize(), ref.weight.grad) < 0.08
+    assert relative_l2_error(out, out_ref) < 0.05 and relative_l2_error(dx, dx_ref) < 0.08
+    assert relative_l2_error(fp8.weight.fp8_grad.dequantize(), ref.weight.grad) < 0.08
     assert len(cuda_rules) == 3  # forward, input grad, weight grad: all within CUDA's rules
 
 

@@ -1,5 +1,7 @@
-"""Metrics written as sums/counts so distributed evaluation can all-reduce them before dividing."""
+"""Pure functions over tensors. Evaluation metrics are written as sums/counts so distributed evaluation can
+all-reduce them before dividing; :func:`relative_l2_error` measures numerical error against a reference."""
 
 from swinlab.metrics.classification import topk_correct
+from swinlab.metrics.numerics import relative_l2_error
 
-__all__ = ["topk_correct"]
+__all__ = ["relative_l2_error", "topk_correct"]
