@@ -71,7 +71,7 @@ from swinlab.config import load_config
 from swinlab.data import build
 from swinlab.engine import fit, precision, run_evaluation
 from swinlab.engine.optim import build_optimizer
-from swinlab.engine.tasks import LanguageModelingTask
+from swinlab.tasks import LanguageModelTask
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt_nano_stdlib.yaml"
 E4M3 = torch.float8_e4m3fn
@@ -132,7 +132,7 @@ def fp8_inference_losses(model: torch.nn.Module, loader: Any) -> dict[str, float
     for subset, keep in (("all", set(names)), *((name, {name}) for name in names)):
         converted = copy.deepcopy(model)
         fp8.initialize(converted, None, "O1", module_filter=lambda module, fqn, keep=keep: fqn in keep, **ALL_FP8)
-        losses[subset] = run_evaluation(converted, LanguageModelingTask(), loader)["val_loss"]
+        losses[subset] = run_evaluation(converted, LanguageModelTask(), loader)["val_loss"]
     return losses
 
 
@@ -166,7 +166,7 @@ def run(
     swinlab.layers.linear.ONEDNN_LINEAR = onednn and variant != "fp32_mkl"
     start = time.perf_counter()
     try:
-        result = fit(model, LanguageModelingTask(), optimizer, data.train_loader, data.val_loader, cfg,
+        result = fit(model, LanguageModelTask(), optimizer, data.train_loader, data.val_loader, cfg,
                      autocast=autocast)  # fmt: skip
     finally:
         swinlab.layers.linear.ONEDNN_LINEAR = onednn
@@ -181,7 +181,7 @@ def run(
         missing = plain.load_state_dict(model.state_dict(), strict=False).missing_keys  # FP8 metas are extra
         if missing:
             raise RuntimeError(f"FP8 state dict lacks {missing}")
-        fp32_gemm_loss = run_evaluation(plain, LanguageModelingTask(), data.val_loader)["val_loss"]
+        fp32_gemm_loss = run_evaluation(plain, LanguageModelTask(), data.val_loader)["val_loss"]
     return {
         "variant": variant,
         "seed": seed,

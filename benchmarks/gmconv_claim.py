@@ -34,9 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from swinlab.config import ModelConfig, OptimConfig, TrainConfig, load_config
-from swinlab.engine import ClassificationTask, build_optimizer, fit, train
+from swinlab.engine import build_optimizer, fit, train
 from swinlab.layers import conv2d_factory
 from swinlab.metrics.erf import effective_receptive_field, erf_spread, save_erf_figure, save_sigma_plot, sigma_table
+from swinlab.tasks import ClassificationConfig, ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "benchmarks" / "figures"
@@ -88,7 +89,8 @@ def mechanism(args: argparse.Namespace) -> dict:
             torch.manual_seed(0)  # the same initial weights in every run
             model = CentreNet(conv)
             cfg = TrainConfig(
-                model=ModelConfig(name=f"centre_net_{conv}_7x7"), epochs=args.epochs, label_smoothing=0.0,
+                model=ModelConfig(name=f"centre_net_{conv}_7x7"), epochs=args.epochs,
+                task=ClassificationConfig(label_smoothing=0.0),
                 optim=OptimConfig(name=args.optim, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=0.5,
                                   lr_mult={"log_sigma": mult} if conv == "gmconv" else {}),
                 output_dir=str(RUNS / f"mech_{args.optim}_{task}_{conv}_x{mult:g}"), resume=False, threads=1,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from swinlab.config import OptimConfig, TrainConfig
+from swinlab.tasks import ClassificationConfig
 
 IN_DIM, NUM_CLASSES = 8, 5
 
@@ -74,7 +75,7 @@ def tiny_config(output_dir: str, **overrides) -> TrainConfig:
     base = {
         "epochs": 2,
         "output_dir": str(output_dir),
-        "label_smoothing": 0.0,
+        "task": ClassificationConfig(label_smoothing=0.0),
         "clip_grad": 1.0,
         "log_every": 1,
         "optim": OptimConfig(lr=0.05, warmup_epochs=0.5, warmup_lr=1e-3, min_lr=1e-4, weight_decay=0.05),
@@ -84,7 +85,8 @@ def tiny_config(output_dir: str, **overrides) -> TrainConfig:
 
 def run_tiny(cfg: TrainConfig, batch_size: int, *, env=None, drop: float = 0.0, model_seed: int = 0):
     """Train a fresh TinyNet with ``cfg``; returns (model, fit result)."""
-    from swinlab.engine import ClassificationTask, build_optimizer, fit
+    from swinlab.engine import build_optimizer, fit
+    from swinlab.tasks import ClassificationTask
 
     env_rank, env_world = (env.rank, env.world_size) if env is not None else (0, 1)
     torch.manual_seed(model_seed)
@@ -92,7 +94,7 @@ def run_tiny(cfg: TrainConfig, batch_size: int, *, env=None, drop: float = 0.0, 
     train, val = tiny_loaders(batch_size, seed=cfg.seed, rank=env_rank, world_size=env_world)
     optimizer = build_optimizer(model, cfg.optim)
     result = fit(
-        model, ClassificationTask(label_smoothing=cfg.label_smoothing), optimizer, train, val, cfg, env=env
+        model, ClassificationTask(label_smoothing=cfg.task.label_smoothing), optimizer, train, val, cfg, env=env
     )
     return model, result
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from swinlab.metrics import relative_l2_error as rel_l2  # test_fp8_o3 imports it from here too
+from swinlab.metrics import relative_l2_error as rel_l2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 WORKER = Path(__file__)
@@ -133,8 +133,9 @@ class FP8Net(nn.Module):
 def train_fp8_net(output_dir: str, precision: str, batch_size: int, env=None, model_seed: int = 0, **overrides):
     """Train FP8Net through the engine (precision.wrap + fit) on the DDP test's data; returns (model, result)."""
     from _ddp_worker import tiny_config, tiny_loaders
-    from swinlab.engine import ClassificationTask, build_optimizer, fit
+    from swinlab.engine import build_optimizer, fit
     from swinlab.engine import precision as precision_seam
+    from swinlab.tasks import ClassificationTask
 
     cfg = tiny_config(output_dir, precision=precision, **overrides)
     rank, world = (env.rank, env.world_size) if env is not None else (0, 1)

@@ -49,9 +49,10 @@ def test_train_then_eval_a_tiny_run(tmp_path, capsys):
         args += ["--set", o]
     assert main(args) == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert len(rows) == 1 and 0.0 <= float(rows[0]["val_top1"]) <= 100.0
-    for name in ("config.yaml", "checkpoint.pt"):
-        assert (run / name).is_file()
-    capsys.readouterr()
+    assert len(rows) == 1 and rows[0]["step"] == "3" and rows[0]["samples_seen"] == "48"
+    trained = f"validation top-1 {float(rows[0]['val_top1']):.2f}%, top-5 {float(rows[0]['val_top5']):.2f}%"
+    assert trained in capsys.readouterr().out  # the task's summary closes the run
+    assert (run / "config.yaml").is_file()
     assert main(["eval", str(run)]) == 0
-    assert "validation top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert trained in out and f"checkpoint       {run / 'checkpoint.pt'} (epoch 1)" in out

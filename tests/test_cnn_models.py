@@ -8,8 +8,9 @@ import torch
 import swinlab
 from swinlab.config import load_config
 from swinlab.engine import param_groups
+from swinlab.engine.runs import load_source
 from swinlab.layers import GMConv2d
-from swinlab.metrics.erf import load_source, sigma_table
+from swinlab.metrics.erf import sigma_table
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -143,7 +144,7 @@ def test_cpu_recipe_trains_through_the_engine(tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "configs" / "resnet18_gmconv_fashion.yaml"
     overrides = ["epochs=1", "data.train_limit=128", "data.val_limit=64", "optim.warmup_epochs=0"]
     result = train(load_config(recipe, [*overrides, f"output_dir={tmp_path}"]))
-    assert result["epochs_completed"] == 1 and 0 <= result["val_top1"] <= 100
+    assert result["epochs_completed"] == 1 and result["samples_seen"] == 128 and result["skipped_steps"] == 0
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     sigma = state["layer1.0.conv1.log_sigma"].exp()
     assert sigma.shape == (16, 1, 1) and not torch.allclose(sigma, torch.full_like(sigma, 1.5))  # sigma trained

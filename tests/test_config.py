@@ -25,7 +25,7 @@ def test_base_inheritance_and_overrides():
     cfg = load_config(CONFIGS / "swinv2_small_window8_256_imagenet1k.yaml", ["optim.lr=3e-4", "data.img_size=192"])
     assert cfg.model.name == "swinv2_small_window8_256"
     assert cfg.model.kwargs == {"drop_path_rate": 0.3}
-    assert cfg.epochs == 300 and cfg.mixup == 0.8  # inherited from the tiny recipe
+    assert cfg.epochs == 300 and cfg.task.mixup == 0.8  # inherited from the tiny recipe
     assert cfg.optim.lr == 3e-4 and cfg.data.img_size == 192
 
 
@@ -39,11 +39,27 @@ def test_base_inheritance_and_overrides():
         ("model=3", "model: expected a mapping"),
         ("tensorboard=maybe", "tensorboard: expected true/false"),
         ("no_equals_sign", "must look like key=value"),
+        ("task.labl_smoothing=0.1", "unknown config key 'task.labl_smoothing'; did you mean label_smoothing"),
+        ("task=classfication", "task.name: unknown task 'classfication'; did you mean classification"),
+        ("task=nowhere:Task", r"task 'nowhere:Task': cannot import nowhere:Task"),
+        ("task=[1]", "task: expected a task name or a mapping"),
+        ("mixup=0.8", "config key 'mixup' moved to 'task.mixup'"),
     ],
 )
 def test_malformed_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_the_task_section_is_the_named_tasks_own():
+    lm = load_config(CONFIGS / "gpt_nano_stdlib.yaml")
+    assert lm.task.name == "language_model" and not hasattr(lm.task, "label_smoothing")
+    # `task: <name>` is short for a mapping, so a key can be set under it from the command line
+    smoothed = load_config(CONFIGS / "video_swin_demo.yaml", ["task=video_classification", "task.label_smoothing=0.2"])
+    assert (smoothed.task.name, smoothed.task.label_smoothing, smoothed.task.mixup) == ("video_classification", 0.2, 0)
+    with pytest.raises(ConfigError, match=r"unknown config key 'task\.label_smoothing'"):
+        load_config(CONFIGS / "gpt_nano_stdlib.yaml", ["task.label_smoothing=0.1"])  # no such key for LMs
+    assert TrainConfig().task == load_config(None).task  # built in Python: the default task's full section
 
 
 def test_bad_yaml_files(tmp_path):

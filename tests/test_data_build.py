@@ -1,5 +1,6 @@
 """build(): the embedded real Fashion-MNIST subset, sharding, seeding, limits, collate and config errors."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -149,3 +150,28 @@ def test_train_seeds_differ_across_ranks():
         torch.manual_seed(5)  # every rank seeds its global RNG the same way
         seeds += [s for _, s in sampler]
     assert len(set(seeds)) == 20
+
+
+def test_heldout_fraction_sets_the_last_part_aside_as_a_second_loader():
+    cfg = DataConfig(name="fashion_mnist_embedded", train_limit=40, heldout_fraction=0.25, batch_size=10,
+                     augment="none")
+    bundle = build(cfg, seed=0)
+    heldout = bundle.extra_loaders["heldout"]
+    assert bundle.train_size == 30 and len(heldout.sampler) == 10  # floor((1 - f) n) train, the rest held out
+    train_images = torch.cat([x for x, _ in bundle.train_loader])
+    held_images = torch.cat([x for x, _ in heldout])
+    plain = build(dataclasses.replace(cfg, heldout_fraction=0.0, val_limit=1), seed=0).train_loader.dataset
+    first = torch.stack([plain[i][0] for i in range(40)])  # the set in file order, without augmentation
+    assert sorted(_rows_of(train_images, first)) == list(range(30))
+    assert sorted(_rows_of(held_images, first)) == list(range(30, 40))
+    assert "30 + 10 heldout train" in bundle.describe()
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="heldout_fraction must be in"):
+            build(dataclasses.replace(cfg, heldout_fraction=bad), seed=0)
+    with pytest.raises(ValueError, match="leaves an empty part"):
+        build(dataclasses.replace(cfg, train_limit=1, heldout_fraction=0.5), seed=0)
+
+
+def _rows_of(images: torch.Tensor, reference: torch.Tensor) -> list[int]:
+    """For each image, the index of the equal image in ``reference``."""
+    return [int((reference == image).flatten(1).all(1).nonzero()[0]) for image in images]

@@ -220,7 +220,7 @@ def test_unreadable_video_skipped_once_reported_and_counted(tmp_path):
     assert clips[0][0].shape == (3, 2, 16, 16)
 
     from swinlab.engine.loop import run_evaluation  # the engine counts what the loader could not deliver
-    from swinlab.engine.tasks import ClassificationTask
+    from swinlab.tasks import ClassificationTask
 
     cfg = DataConfig(
         name="video", root=str(root), train_list="train.txt", val_list="train.txt", img_size=16, clip_len=2,

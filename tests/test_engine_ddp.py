@@ -15,6 +15,7 @@ from _ddp_worker import run_tiny, tiny_config
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 
 
+@pytest.mark.slow  # a torchrun launch of two processes
 def test_two_gloo_ranks_match_one_process(tmp_path):
     result_path = tmp_path / "ddp_result.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}

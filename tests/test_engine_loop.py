@@ -11,8 +11,9 @@ import yaml
 
 from _ddp_worker import TinyNet, run_tiny, tiny_config, tiny_loaders
 from swinlab.config import OptimConfig, to_dict
-from swinlab.engine import ClassificationTask, build_optimizer, fit, load_checkpoint
+from swinlab.engine import build_optimizer, fit, load_checkpoint
 from swinlab.engine import loop as loop_module
+from swinlab.tasks import ClassificationTask
 
 # Columns that must not depend on wall-clock time.
 DETERMINISTIC = ("epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "grad_norm",

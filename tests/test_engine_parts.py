@@ -18,7 +18,6 @@ from _ddp_worker import TinyNet
 from swinlab.config import OptimConfig
 from swinlab.engine import (
     CheckpointError,
-    ClassificationTask,
     build_optimizer,
     load_checkpoint,
     param_groups,
@@ -26,6 +25,7 @@ from swinlab.engine import (
 )
 from swinlab.engine import checkpoint as ckpt_io
 from swinlab.engine.schedule import LRSchedule, build_schedule
+from swinlab.tasks import ClassificationTask
 
 
 def _group_names(model: nn.Module, groups) -> list[set[str]]:
@@ -126,7 +126,9 @@ def test_precision_fp8_levels_convert_and_unknown_levels_are_clear_errors():
 def _state(value: float) -> dict:
     return {
         "model": {"w": torch.full((3,), value)},
-        "optimizer": {},
+        "optimizers": {"model": {}},
+        "task": {},
+        "frozen": {},
         "epoch": 1,
         "step": 10,
         "config": {"epochs": 2},
@@ -180,6 +182,10 @@ def test_corrupt_and_foreign_checkpoints_fail_clearly(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="missing"):
         ckpt_io.save_checkpoint(tmp_path / "x.pt", {"model": {}})
+    old = tmp_path / "v1.pt"  # swinlab 0.1's layout: one optimizer, no task section
+    torch.save({"format": ckpt_io.FORMAT, "version": 1, **_state(1.0)}, old)
+    with pytest.raises(CheckpointError, match=r"version 1.*start a new run folder"):
+        load_checkpoint(old)
 
 
 def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
@@ -243,6 +249,7 @@ print(took, sum(faults() for _ in range(8)))
 """
 
 
+@pytest.mark.slow  # two fresh interpreters counting page faults
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_reuse_freed_memory_spares_the_page_faults_of_repeated_large_tensors():
     def run(mode: str) -> tuple[str, int]:

@@ -92,9 +92,13 @@ def test_erf_command_compares_a_run_with_a_model(tmp_path, capsys):
 
 def test_erf_report_of_two_models_on_the_same_images(tmp_path):
     pytest.importorskip("matplotlib")
+    from swinlab.engine.runs import load_source, probe_inputs
     from swinlab.metrics.erf import erf_report
 
-    report = erf_report(["resnet18_gmconv", "resnet18"], "layer1.1.conv2", img_size=32, batch=2, out_dir=tmp_path)
+    sources = [load_source(name, img_size=32) for name in ("resnet18_gmconv", "resnet18")]
+    probes = {s.label: (s.model, probe_inputs(s, batch=2)) for s in sources}
+    assert torch.equal(probes["resnet18"][1], probes["resnet18_gmconv"][1])  # same data config: the same images
+    report = erf_report(probes, "layer1.1.conv2", tmp_path)
     gm, plain = report.erfs["resnet18_gmconv"], report.erfs["resnet18"]
     assert gm.shape == plain.shape == (32, 32)
     assert erf_spread(gm) < erf_spread(plain)  # same init weights scale, but the mask damps the kernels' rims
@@ -105,7 +109,7 @@ def test_erf_report_of_two_models_on_the_same_images(tmp_path):
 
 def test_model_name_source_loads_pretrained_weights(tmp_path):
     import swinlab
-    from swinlab.metrics.erf import load_source
+    from swinlab.engine.runs import load_source
 
     model = swinlab.create_model("resnet18_gmconv")
     with torch.no_grad():

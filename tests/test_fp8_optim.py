@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from _ddp_worker import tiny_config, tiny_loaders
-from swinlab.engine import ClassificationTask, build_optimizer, fit, load_checkpoint, precision
+from swinlab.engine import build_optimizer, fit, load_checkpoint, precision
 from swinlab.engine import loop as loop_module
 from swinlab.fp8 import E4M3, FP8SGD, FP8AdamW, FP8Linear, initialize, quantize
 from swinlab.fp8.formats import amax
 from swinlab.fp8.optim import convert_optimizer
+from swinlab.tasks import ClassificationTask
 
 FP32_ROLES = {"master_dtype": torch.float32, "m1_dtype": torch.float32, "m2_dtype": torch.float32}
 

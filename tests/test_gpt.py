@@ -2,6 +2,7 @@
 
 import csv
 import math
+import resource
 
 import pytest
 import torch
@@ -112,16 +113,34 @@ def test_registered_shapes_including_the_papers_on_meta():
     assert (c.n_layer, c.n_embd, c.n_head, c.block_size) == (96, 12288, 96, 2048)
 
 
-def test_info_on_7b_allocates_nothing(capsys):
-    assert main(["info", "gpt_7b"]) == 0  # 27 GB of FP32 weights if it were built for real
-    out = capsys.readouterr().out
+def _info_builds_only_on_meta(name: str, monkeypatch, capsys) -> str:
+    """Run `swinlab info NAME`; every model it builds must hold its parameters on the meta device, and the process's
+    peak memory must not grow by anything like the weights' size."""
+    built = []
+    real = swinlab.create_model
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        built.append({p.device.type for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(swinlab, "create_model", recording)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    assert main(["info", name]) == 0
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert built and all(devices == {"meta"} for devices in built), built
+    assert grown_mib < 1024, f"peak memory grew by {grown_mib:.0f} MiB"
+    return capsys.readouterr().out
+
+
+def test_info_on_7b_allocates_nothing(monkeypatch, capsys):
+    out = _info_builds_only_on_meta("gpt_7b", monkeypatch, capsys)  # 27 GB of FP32 weights if built for real
     assert "meta device" in out and "6658.40 M" in out and "2x2048" in out
 
 
 @pytest.mark.slow
-def test_info_on_175b_allocates_nothing(capsys):
-    assert main(["info", "gpt_175b"]) == 0
-    out = capsys.readouterr().out
+def test_info_on_175b_allocates_nothing(monkeypatch, capsys):
+    out = _info_builds_only_on_meta("gpt_175b", monkeypatch, capsys)
     assert "meta device" in out and "174604.26 M" in out and "2x2048" in out
 
 

@@ -9,6 +9,7 @@ from torch import nn
 import swinlab.layers.linear as linear_module
 from swinlab.layers import Linear
 from swinlab.layers.linear import linear
+from swinlab.metrics import relative_l2_error
 
 pytestmark = pytest.mark.skipif(not linear_module.ONEDNN_AVAILABLE, reason="this torch build has no oneDNN linear")
 
@@ -21,7 +22,7 @@ def onednn_on(monkeypatch, request):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    return relative_l2_error(a.double(), b.double())
 
 
 @pytest.mark.parametrize("shape", [(37, 24), (3, 5, 24), (2, 3, 4, 24)])

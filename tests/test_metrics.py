@@ -1,9 +1,9 @@
-"""Top-k correct counts (the sums distributed evaluation all-reduces)."""
+"""Top-k correct counts (the sums distributed evaluation all-reduces) and the relative L2 error."""
 
 import pytest
 import torch
 
-from swinlab.metrics import topk_correct
+from swinlab.metrics import relative_l2_error, topk_correct
 
 
 def test_topk_correct_counts():
@@ -58,3 +58,10 @@ def test_flop_counter_counts_onednn_linears_forward_and_backward_like_f_linear(m
     with flop_counter() as reference:
         torch.nn.functional.linear(x, layer.weight, layer.bias).sum().backward()
     assert counted.get_total_flops() == reference.get_total_flops() == 3 * 2 * 12 * 8 * 5
+
+
+def test_relative_l2_error_is_the_norm_of_the_difference_over_the_reference_norm():
+    reference = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # norm 5
+    assert relative_l2_error(reference + torch.tensor([[0.0, 0.3], [0.4, 0.0]]), reference) == pytest.approx(0.1)
+    assert relative_l2_error(reference, reference) == 0.0
+    assert relative_l2_error(torch.ones(2), torch.zeros(2)) == float("inf")

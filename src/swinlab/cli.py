@@ -24,7 +24,7 @@ MAIN_JOB = (
     "data.batch_size=64",
     "data.augment=none",
     "epochs=8",
-    "label_smoothing=0.0",
+    "task.label_smoothing=0.0",
     "optim.lr=2e-3",
     "optim.warmup_epochs=1",
     f"output_dir={MAIN_JOB_OUTPUT}",
@@ -116,37 +116,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_erf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from swinlab.engine.runs import load_source, probe_inputs
     from swinlab.metrics.erf import erf_report
 
-    report = erf_report(
-        [args.source, *args.compare], args.layer, inputs=args.inputs, batch=args.batch, img_size=args.img_size,
-        pretrained=args.pretrained, out_dir=args.out, seed=args.seed,
-    )  # fmt: skip
-    print(report.format())
+    sources = [load_source(s, img_size=args.img_size, pretrained=args.pretrained if i == 0 else None)
+               for i, s in enumerate([args.source, *args.compare])]  # fmt: skip
+    probes = {src.label: (src.model, probe_inputs(src, args.inputs, args.batch, args.seed)) for src in sources}
+    first = Path(args.source)
+    out = args.out or (first if first.is_dir() else first.parent if first.is_file() else Path("erf"))
+    print(erf_report(probes, args.layer, out, inputs=args.inputs).format())
     return 0
 
 
 def _print_result(result: dict) -> None:
-    """The headline numbers of a run or an evaluation on one line each (everything is in metrics.csv).
+    """The task's closing lines, then where the run or checkpoint is (everything else is in metrics.csv).
 
     Under torchrun only rank 0 prints them: every rank holds the same all-reduced metrics.
     """
     if os.environ.get("RANK", "0") != "0":
         return
-    if "val_top1" in result:
-        top5 = f", top-5 {result['val_top5']:.2f}%" if "val_top5" in result else ""
-        print(f"validation top-1 {result['val_top1']:.2f}%{top5}, loss {result.get('val_loss', float('nan')):.4f}")
-    if "val_ppl" in result:  # language modelling
-        print(
-            f"validation loss  {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.3f}, "
-            f"{result['val_bpb']:.4f} bits/byte"
-        )
-    if result.get("best") is not None:
-        epochs = result.get("epochs_completed", "?")
-        if "val_ppl" in result:
-            print(f"best val loss    {result['best']:.4f} after {epochs} epochs")
-        else:
-            print(f"best top-1       {result['best']:.2f}% after {epochs} epochs")
+    for line in result.get("summary", []):
+        print(line)
     if "run_dir" in result:
         print(f"run folder       {result['run_dir']} (metrics.csv, curves.png, checkpoint.pt)")
     if "checkpoint" in result:

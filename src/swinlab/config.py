@@ -57,6 +57,9 @@ class DataConfig:
     train_limit: int | None = None
     """Use only the first N training samples (quick experiments); text data: at most N windows per epoch."""
     val_limit: int | None = None
+    heldout_fraction: float = 0.0
+    """Hold out this last fraction of the training set as a second training loader, ``heldout``, for tasks that
+    learn something on data the weights do not see (DARTS's architecture step: 0.5, as the official search)."""
     # -- video datasets (``video``: annotation lists, ``motion_demo``: generated); img_size is the crop size --
     train_list: str | None = None
     """``video``: the training annotation list or CSV (``path label`` lines), relative to ``root``."""
@@ -115,18 +118,41 @@ class FP8Config:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """Base of every task's section (``task:`` in a recipe). ``name`` picks the task (``swinlab.tasks.registry``);
+    each task subclasses this with its own fields, so a recipe is checked against the task it names."""
+
+    name: str = "classification"
+    """A registered task (``classification``, ``video_classification``, ``language_model``, ...) or the import path
+    ``module:Class`` of your own; ``task: <name>`` is short for ``task: {name: <name>}``."""
+
+
+def _task_section(values: dict[str, Any] | None = None, where: str = "task.") -> TaskConfig:
+    """The typed section of the task ``values["name"]`` names. The class is looked up in the task registry when a
+    recipe is read: the one place config reaches upward, so a typo in a task key fails at load time too."""
+    from swinlab.tasks.registry import config_class
+
+    values = dict(values or {})
+    name = values.get("name", TaskConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}name: expected a task name, got {name!r}")
+    try:
+        cls = config_class(name)
+    except ValueError as e:
+        raise ConfigError(f"{where}name: {e}") from None
+    values["name"] = name
+    return _build(cls, values, where)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=_task_section)
+    """What the run trains for and how it is scored: ``name`` plus that task's own keys (e.g. ``label_smoothing``,
+    ``mixup`` for classification)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 10
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    """Mixup alpha (0 disables)."""
-    cutmix: float = 0.0
-    """CutMix alpha (0 disables)."""
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
     clip_grad: float | None = 5.0
     accum_steps: int = 1
     precision: str = "fp32"
@@ -155,6 +181,16 @@ class TrainConfig:
     """Keep freed CPU memory in the process (``swinlab.engine.allocator``): large activations then cost no fresh page
     faults each step (SwinV2-T CPU training ~1.2x faster); ``false`` leaves the C library's default."""
 
+    def __post_init__(self) -> None:
+        if type(self.task) is TaskConfig:  # built in Python with only a name: take that task's own section
+            object.__setattr__(self, "task", _task_section({"name": self.task.name}))
+
+
+MOVED_KEYS = {
+    key: f"task.{key}" for key in ("label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")
+}
+"""Keys that left the top level for their task's section (so an old recipe gets told where they went)."""
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
@@ -166,6 +202,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _unknown_key(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
+    if not where and key in MOVED_KEYS:
+        return ConfigError(f"config key {key!r} moved to {MOVED_KEYS[key]!r} (the classification task's section)")
     valid = sorted(valid)
     close = difflib.get_close_matches(key, valid, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -188,6 +226,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is TaskConfig:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a task name or a mapping, got {value!r}")
+        return _task_section(value, where + ".")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -241,6 +285,8 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
+        if isinstance(node.get(part), str):  # a section given by name only (``task: language_model``)
+            node[part] = {"name": node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")

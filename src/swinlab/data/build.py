@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from swinlab.data import text
 from swinlab.data.cifar import CIFAR
 from swinlab.data.idx import FashionMNIST
 from swinlab.data.imagefolder import ImageFolder
-from swinlab.data.loading import TransformedDataset, collate_skip_none
+from swinlab.data.loading import SeededSubset, TransformedDataset, collate_skip_none
 from swinlab.data.samplers import SeededDistributedSampler, ShardSampler
 from swinlab.data.transforms import ImageTransform
 from swinlab.data.video import VIDEO_DATASETS, video_sets
@@ -38,7 +39,8 @@ class DataBundle:
     training and ``(N, views, C, T, H, W)`` for evaluation; ``"text"``: ``(inputs, next-token targets)``, both
     ``(N, seq_len)`` int64, with ``num_classes`` the vocabulary size); the trainer picks the task from it.
     ``model_kwargs`` are the constructor arguments the data fixes (class count, channels, input size), so the
-    trainer builds any family's model without knowing what kind of data it gets.
+    trainer builds any family's model without knowing what kind of data it gets. ``extra_loaders`` holds further
+    training loaders by name (``heldout``: the part of the training set ``data.heldout_fraction`` sets aside).
     """
 
     train_loader: DataLoader
@@ -50,6 +52,15 @@ class DataBundle:
     val_size: int
     kind: str = "image"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra_loaders: dict[str, DataLoader] = field(default_factory=dict)
+    unit: str = "images"
+    """What a sample is, for :meth:`describe`."""
+
+    def describe(self) -> str:
+        """One line for the start of a run: sizes, what a sample is, classes (or vocabulary)."""
+        heldout = "".join(f" + {len(loader.sampler)} {name}" for name, loader in self.extra_loaders.items())
+        classes = f"vocabulary {self.num_classes}" if self.kind == "text" else f"{self.num_classes} classes"
+        return f"{self.train_size}{heldout} train / {self.val_size} val {self.unit}, {classes}"
 
 
 def _root(cfg: DataConfig, what: str) -> Path:
@@ -103,6 +114,20 @@ def _loader(
     )
 
 
+def _split_heldout(cfg: DataConfig, train_set: Dataset) -> tuple[Dataset, Dataset | None]:
+    """The training set and, with ``heldout_fraction`` f > 0, its last f part as a second set (as the official DARTS
+    search: the first ``floor((1 - f) n)`` samples train the weights, the rest the architecture)."""
+    if not 0.0 <= cfg.heldout_fraction < 1.0:
+        raise ValueError(f"data.heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
+    if cfg.heldout_fraction == 0:
+        return train_set, None
+    n = len(train_set)
+    split = math.floor((1.0 - cfg.heldout_fraction) * n)
+    if split == 0 or split == n:
+        raise ValueError(f"data.heldout_fraction={cfg.heldout_fraction} leaves an empty part of {n} training samples")
+    return SeededSubset(train_set, range(split)), SeededSubset(train_set, range(split, n))
+
+
 def _loaders(
     cfg: DataConfig,
     train_set: Dataset,
@@ -111,29 +136,32 @@ def _loaders(
     seed: int,
     rank: int,
     world_size: int,
-) -> tuple[DataLoader, DataLoader]:
-    """Train loader (seeded distributed sampler, per-sample augmentation seeds) and val loader (rank shard);
-    ``sample_shapes`` give the shape of an all-unreadable batch's samples for each."""
-    train_sampler = SeededDistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
+) -> tuple[DataLoader, DataLoader, dict[str, DataLoader]]:
+    """Train loader (seeded distributed sampler, per-sample augmentation seeds), val loader (rank shard) and the
+    ``heldout`` loader when the config sets one aside; ``sample_shapes`` give the shape of an all-unreadable
+    batch's samples for training and validation."""
 
     def loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool, shape) -> DataLoader:
         collate = functools.partial(collate_skip_none, sample_shape=shape)
         return _loader(cfg, dataset, batch_size, sampler, drop_last, seed, collate)
 
-    # drop_last keeps batch statistics steady, but never for a set that is a single batch or less
-    train_loader = loader(
-        train_set, cfg.batch_size, train_sampler, len(train_sampler) > cfg.batch_size, sample_shapes[0]
-    )
+    def shuffled(dataset: Dataset, sampler_seed: int) -> DataLoader:
+        sampler = SeededDistributedSampler(dataset, world_size, rank, shuffle=True, seed=sampler_seed)
+        # drop_last keeps batch statistics steady, but never for a set that is a single batch or less
+        return loader(dataset, cfg.batch_size, sampler, len(sampler) > cfg.batch_size, sample_shapes[0])
+
+    train_set, heldout_set = _split_heldout(cfg, train_set)
+    extra = {} if heldout_set is None else {"heldout": shuffled(heldout_set, seed + 1)}
     val_sampler = ShardSampler(len(val_set), rank, world_size)
     val_loader = loader(val_set, cfg.eval_batch_size or cfg.batch_size, val_sampler, False, sample_shapes[1])
-    return train_loader, val_loader
+    return shuffled(train_set, seed), val_loader, extra
 
 
 def _video_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
     """Clips ``(B, 3, T, H, W)`` for training, views ``(B, V, 3, T, H, W)`` for evaluation."""
     train_set, val_set = video_sets(cfg, seed)
     shapes = (train_set.sample_shape, val_set.sample_shape)
-    train_loader, val_loader = _loaders(cfg, train_set, val_set, shapes, seed, rank, world_size)
+    train_loader, val_loader, extra = _loaders(cfg, train_set, val_set, shapes, seed, rank, world_size)
     classes = train_set.classes
     return DataBundle(
         train_loader=train_loader,
@@ -141,10 +169,12 @@ def _video_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> 
         num_classes=len(classes),
         in_chans=3,
         class_names=list(classes),
-        train_size=len(train_set),
+        train_size=len(train_loader.sampler.dataset),
         val_size=len(val_set),
         kind="video",
         model_kwargs={"num_classes": len(classes), "in_chans": 3},
+        extra_loaders=extra,
+        unit="videos",
     )
 
 
@@ -154,6 +184,8 @@ def _text_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> D
     An epoch draws ``len(train bytes) // seq_len`` windows (as many bytes as the training text holds), capped
     by ``train_limit``; ``val_limit`` caps the validation windows.
     """
+    if cfg.heldout_fraction:
+        raise ValueError("data.heldout_fraction is for image and video sets; text windows have no held-out split yet")
     if cfg.name == "stdlib_docs":
         docs = text.stdlib_docs()
     else:
@@ -181,6 +213,7 @@ def _text_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> D
         val_size=val_size,
         kind="text",
         model_kwargs={"vocab_size": text.VOCAB_SIZE, "block_size": cfg.seq_len},
+        unit=f"windows of {cfg.seq_len} bytes",
     )
 
 
@@ -212,14 +245,15 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
     train_set = TransformedDataset(train_src, transform(True), cfg.train_limit)
     val_set = TransformedDataset(val_src, transform(False), cfg.val_limit)
     shape = (out_chans, cfg.img_size, cfg.img_size)
-    train_loader, val_loader = _loaders(cfg, train_set, val_set, (shape, shape), seed, rank, world_size)
+    train_loader, val_loader, extra = _loaders(cfg, train_set, val_set, (shape, shape), seed, rank, world_size)
     return DataBundle(
         train_loader=train_loader,
         val_loader=val_loader,
         num_classes=len(train_src.classes),
         in_chans=out_chans,
         class_names=list(train_src.classes),
-        train_size=len(train_set),
+        train_size=len(train_loader.sampler.dataset),
         val_size=len(val_set),
         model_kwargs={"num_classes": len(train_src.classes), "in_chans": out_chans, "img_size": cfg.img_size},
+        extra_loaders=extra,
     )

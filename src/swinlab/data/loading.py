@@ -41,6 +41,23 @@ class TransformedDataset(Dataset):
         return self.transform(image, rng), label
 
 
+class SeededSubset(Dataset):
+    """``dataset`` restricted to ``indices``, passing ``(index, seed)`` keys through (``torch.utils.data.Subset``
+    would index its list with the pair)."""
+
+    def __init__(self, dataset: Dataset, indices: range) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            index, seed = key
+            return self.dataset[(self.indices[index], seed)]
+        return self.dataset[self.indices[key]]
+
+
 def collate_skip_none(
     batch: list[tuple[torch.Tensor, int] | None], sample_shape: tuple[int, ...] = (0,)
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,12 +1,13 @@
-"""The one training/evaluation engine every swinlab workload runs on.
+"""The one training/evaluation engine every swinlab workload runs on; the workloads themselves are tasks
+(:mod:`swinlab.tasks`).
 
 Public surface:
 
 - running: :func:`train` (from a config), :func:`evaluate` (a run folder or checkpoint),
-  :func:`fit` (any model, task, optimizer and loaders), :func:`run_evaluation`
-- tasks: :class:`Task` (protocol), :class:`ClassificationTask`, :class:`LanguageModelingTask`
-- parts: :func:`build_model`, :func:`build_optimizer`, :func:`param_groups`, :class:`LRSchedule`,
-  :func:`build_schedule`, :mod:`~swinlab.engine.precision` (``wrap``), :func:`save_checkpoint`, :func:`load_checkpoint`,
+  :func:`fit` (any model, task, optimizer(s) and loaders), :func:`run_evaluation`
+- parts: :func:`build_model`, :func:`build_task`, :func:`build_optimizer`, :func:`build_optimizers`,
+  :func:`param_groups`, :class:`LRSchedule`, :func:`build_schedule`, :mod:`~swinlab.engine.precision` (``wrap``),
+  :class:`Stepper` (a task's :class:`~swinlab.tasks.Step`), :func:`save_checkpoint`, :func:`load_checkpoint`,
   :class:`CheckpointError`, :class:`DistEnv`, :func:`init_distributed`, :func:`process_group`
 """
 
@@ -14,10 +15,10 @@ from swinlab.engine import precision
 from swinlab.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from swinlab.engine.distributed import DistEnv, init_distributed, process_group
 from swinlab.engine.loop import fit, run_evaluation
-from swinlab.engine.optim import build_optimizer, param_groups
+from swinlab.engine.optim import build_optimizer, build_optimizers, param_groups
 from swinlab.engine.schedule import LRSchedule, build_schedule
-from swinlab.engine.tasks import ClassificationTask, LanguageModelingTask, Task
-from swinlab.engine.trainer import build_model, evaluate, train
+from swinlab.engine.step import Stepper
+from swinlab.engine.trainer import build_model, build_task, evaluate, train
 
 __all__ = [  # noqa: RUF022 - grouped by purpose, as the module docstring
     # running
@@ -25,17 +26,16 @@ __all__ = [  # noqa: RUF022 - grouped by purpose, as the module docstring
     "fit",
     "run_evaluation",
     "train",
-    # tasks
-    "ClassificationTask",
-    "LanguageModelingTask",
-    "Task",
     # parts
     "CheckpointError",
     "DistEnv",
     "LRSchedule",
+    "Stepper",
     "build_model",
     "build_optimizer",
+    "build_optimizers",
     "build_schedule",
+    "build_task",
     "init_distributed",
     "process_group",
     "load_checkpoint",

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 FORMAT = "swinlab-checkpoint"
-VERSION = 1
-REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "config", "history", "rng", "best")
+VERSION = 2
+"""2: optimizers by name, task state and frozen helpers' fingerprints, the task's own config section."""
+REQUIRED_KEYS = ("model", "optimizers", "task", "frozen", "epoch", "step", "config", "history", "rng", "best")
 
 
 class CheckpointError(RuntimeError):
@@ -90,7 +91,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "official/pretrained weights go through cfg.model.pretrained instead"
         )
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')!r}, expected {VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {state.get('version')!r}, this swinlab reads version {VERSION}"
+            + (" (written by swinlab 0.1, whose config had no task section: start a new run folder, or evaluate it "
+               "with swinlab 0.1)" if state.get("version") == 1 else "")
+        )
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing {missing}")

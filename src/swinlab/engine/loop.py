@@ -1,7 +1,8 @@
-"""The one training loop: accumulated, clipped, finite-checked updates; evaluation; logs; checkpoints.
+"""The one training loop: epochs of task steps, evaluation, logs, artefacts, checkpoints and exact resume.
 
-:func:`fit` takes any model, :class:`~swinlab.engine.tasks.Task`, optimizer and loaders, so tests and every
-workload share it; :func:`swinlab.engine.train` only builds those parts from a config.
+:func:`fit` takes any model, :class:`~swinlab.tasks.Task`, optimizer(s) and loaders, so tests and every workload
+share it; :func:`swinlab.engine.train` only builds those parts from a config. What a step does is the task's
+(:meth:`~swinlab.tasks.Task.train_step`); how an update is applied is the :class:`~swinlab.engine.step.Stepper`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from swinlab.config import TrainConfig, to_dict
+from swinlab.config import OptimConfig, TrainConfig, to_dict
 from swinlab.engine import checkpoint as ckpt_io
 from swinlab.engine import precision
-from swinlab.engine.distributed import DistEnv, all_ranks_true, all_reduce_sums, unwrap_model, wrap_model
+from swinlab.engine.distributed import DistEnv, all_reduce_sums, unwrap_model, wrap_model
 from swinlab.engine.precision import AutocastFactory
 from swinlab.engine.runlog import RunLog
 from swinlab.engine.schedule import build_schedule
-from swinlab.engine.tasks import Task, batch_len, model_device
+from swinlab.engine.step import CycledLoader, OptimizerSlot, Stepper
+from swinlab.tasks.base import Logs, Task, batch_len, model_device
+
+Optimizers = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]
 
 
 @dataclass
@@ -41,20 +45,31 @@ class RunState:
     epoch: int = 0
     """Completed epochs."""
     step: int = 0
-    """Optimizer updates done (the schedule's position)."""
+    """Optimizer steps done (the schedules' position)."""
     best: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class _EpochStats:
-    loss_sum: torch.Tensor
-    loss_count: torch.Tensor
+    """Sample-weighted sums of every log entry (as tensors: no device sync per step), counts and rates."""
+
+    log_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    log_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     seen: int = 0
     steps: int = 0
-    skipped_steps: int = 0
-    grad_norms: list[float] = field(default_factory=list)
-    lr: float = math.nan
+    lrs: dict[str, float] = field(default_factory=dict)
+
+    def add(self, logs: Logs, n: int) -> None:
+        """Add one micro-batch's logs with weight ``n``; non-finite values are left out of the mean."""
+        for key, value in logs.items():
+            value = value.detach().double()
+            finite = torch.isfinite(value)
+            if key not in self.log_sums:
+                self.log_sums[key] = torch.zeros((), dtype=torch.float64, device=value.device)
+                self.log_counts[key] = torch.zeros((), dtype=torch.float64, device=value.device)
+            self.log_sums[key] += torch.where(finite, value * n, 0.0)
+            self.log_counts[key] += finite.double() * n
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -82,6 +97,12 @@ def _expected_samples(loader: Iterable[Any], batches: int) -> int | None:
     return expected if batch_size is None else min(expected, batches * batch_size)
 
 
+def _set_epoch(loader: Iterable[Any], epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
 class _Counting:
     """Iterates a loader and counts the samples it yields (evaluation shards may lose unreadable samples)."""
 
@@ -94,6 +115,21 @@ class _Counting:
             yield batch
 
 
+def _named_optimizers(
+    task: Task, model: nn.Module, optimizers: Optimizers, default: OptimConfig
+) -> dict[str, tuple[torch.optim.Optimizer, OptimConfig]]:
+    """Each optimizer with the recipe of its schedule, under the names the task declares (one optimizer: the
+    task's first)."""
+    specs = task.optimizers(model)
+    if isinstance(optimizers, torch.optim.Optimizer):
+        optimizers = {next(iter(specs)): optimizers}
+    if list(optimizers) != list(specs):
+        raise ValueError(
+            f"{type(task).__name__} trains with optimizers {list(specs)}, but fit() was given {list(optimizers)}"
+        )
+    return {name: (optimizers[name], specs[name].config or default) for name in specs}
+
+
 class _Fit:
     """One call of :func:`fit`: the parts, the resumable :class:`RunState`, and the steps of an epoch."""
 
@@ -101,30 +137,56 @@ class _Fit:
         self,
         model: nn.Module,
         task: Task,
-        optimizer: torch.optim.Optimizer,
+        optimizers: Optimizers,
         train_loader: Iterable[Any],
         val_loader: Iterable[Any] | None,
         cfg: TrainConfig,
         env: DistEnv,
         autocast: AutocastFactory,
+        loaders: Mapping[str, Iterable[Any]],
     ) -> None:
         if cfg.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {cfg.accum_steps}")
-        self.cfg, self.env, self.task, self.optimizer, self.autocast = cfg, env, task, optimizer, autocast
+        missing = [name for name in task.loaders if name not in loaders]
+        if missing:
+            raise ValueError(
+                f"{type(task).__name__} draws from the loader(s) {missing}, which the data does not provide"
+                + (" (set data.heldout_fraction, e.g. 0.5)" if "heldout" in missing else "")
+            )
+        self.cfg, self.env, self.task, self.autocast = cfg, env, task, autocast
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.extra_loaders = {name: loaders[name] for name in task.loaders}
         ddp = isinstance(model, DistributedDataParallel)
         self.model = wrap_model(model, env, cfg.precision) if env.distributed and not ddp else model
         # Evaluation bypasses DDP: ranks may hold different numbers of validation batches, and DDP's forward
         # may run collectives (buffer broadcast). Checkpoints store the module under every wrapper.
         self.eval_model = model.module if ddp else model
         self.plain = unwrap_model(self.model)
+        device = model_device(self.plain)
+        self.frozen = task.frozen_modules()
+        for frozen in self.frozen.values():
+            frozen.module.to(device).eval().requires_grad_(False)
         self.run_dir = Path(cfg.output_dir)
         self.log = RunLog(self.run_dir, task.metric_names, enabled=env.is_main, tensorboard=cfg.tensorboard)
         self.micro_batches = _loader_len(train_loader, "training")
         if cfg.max_steps_per_epoch is not None:
             self.micro_batches = min(self.micro_batches, cfg.max_steps_per_epoch * cfg.accum_steps)
         steps_per_epoch = math.ceil(self.micro_batches / cfg.accum_steps)
-        self.schedule = build_schedule(cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+        named = _named_optimizers(task, self.plain, optimizers, cfg.optim)
+        owners = {id(p): name for name, (opt, _) in named.items() for g in opt.param_groups for p in g["params"]}
+        self.slots = {
+            name: OptimizerSlot(
+                name=name,
+                optimizer=opt,
+                schedule=build_schedule(config, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs),
+                others=[p for p in self.plain.parameters() if p.requires_grad and owners.get(id(p), name) != name],
+                finite=torch.ones((), dtype=torch.bool, device=device),
+            )
+            for name, (opt, config) in named.items()
+        }
+        self.stepper = Stepper(
+            self.model, self.plain, self.slots, clip_grad=cfg.clip_grad, env=env, autocast=autocast
+        )
         self.state = RunState()
 
     # -- top level -------------------------------------------------------------------------------------------
@@ -132,7 +194,7 @@ class _Fit:
         try:
             self._resume()
             self.log.write_config(to_dict(self.cfg))
-            self.log.restart_csv(self.state.history)
+            self.log.write_metrics(self.state.history)
             for epoch in range(self.state.epoch, self.cfg.epochs):
                 row = self._epoch(epoch)
                 self.state.history.append(row)
@@ -144,14 +206,16 @@ class _Fit:
         finally:
             self.log.close()
         last = self.state.history[-1] if self.state.history else {}
+        summary = self.task.summary(last, self.state.best, self.state.epoch)
         done = {"best": self.state.best, "epochs_completed": self.state.epoch, "run_dir": str(self.run_dir)}
-        return {**last, **done}
+        return {**last, **done, "summary": summary}
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         seed_epoch(self.cfg.seed, epoch)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        _set_epoch(self.train_loader, epoch)
+        for name, loader in self.extra_loaders.items():
+            _set_epoch(loader, epoch)
+            self.stepper.loaders[name] = CycledLoader(name, loader)
         start = time.perf_counter()
         stats = self._train_epoch(epoch)
         train_time = time.perf_counter() - start
@@ -160,16 +224,15 @@ class _Fit:
         metrics = {}
         if due and self.val_loader is not None:
             metrics = run_evaluation(self.eval_model, self.task, self.val_loader, self.env, self.autocast)
+        if self.env.is_main:
+            self.task.on_epoch_end(self.eval_model, epoch + 1, self.run_dir, metrics)
         return self._row(epoch, stats, metrics, train_time, time.perf_counter() - start)
 
     # -- training --------------------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> _EpochStats:
         self.model.train()
-        device = model_device(self.plain)
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        stats = _EpochStats(loss_sum=zero.clone(), loss_count=zero.clone())
+        stats = _EpochStats()
         accum, total = self.cfg.accum_steps, self.micro_batches
-        group_finite = torch.ones((), dtype=torch.bool, device=device)
         bar = tqdm(
             total=total,
             desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
@@ -182,111 +245,76 @@ class _Fit:
             first = i - i % accum
             group = min(accum, total - first)
             is_last = i - first == group - 1
-            if i == first:
-                stats.lr = self._set_lr(self.schedule.lr_at(self.state.step))
+            self.stepper.begin(self.state.step, group, first=i == first, last=is_last)
             n = batch_len(batch)
-            if n == 0 and not self.env.distributed:
-                # Every sample of this batch was unreadable: nothing to learn from (under DDP the empty batch
-                # still runs, its NaN loss makes every rank skip the update together).
-                bar.update(1)
-                if is_last:
-                    self._optimizer_step(group_finite, stats)
-                continue
-            loss = self._micro_step(batch, group, sync=is_last)
-            finite = torch.isfinite(loss)
-            group_finite &= finite
-            stats.seen += n
-            stats.loss_sum += torch.where(finite, loss.double() * n, zero)
-            stats.loss_count += finite.double() * n
+            # Every sample of this batch was unreadable: nothing to learn from (under DDP the empty batch still
+            # runs, its NaN loss makes every rank skip the update together).
+            if n > 0 or self.env.distributed:
+                logs = self.task.train_step(self.stepper, batch)
+                stats.add(logs, n)
+                stats.seen += n
             bar.update(1)
             if is_last:
-                self._optimizer_step(group_finite, stats)
-                group_finite.fill_(True)
-                if stats.steps % max(self.cfg.log_every, 1) == 0:
-                    self._log_step(bar, loss, stats.lr)
+                self.stepper.finish_group()
+                stats.lrs = {name: slot.schedule.lr_at(self.state.step) for name, slot in self.slots.items()}
+                self.state.step += 1
+                stats.steps += 1
+                if stats.steps % max(self.cfg.log_every, 1) == 0 and n > 0:
+                    self._log_step(bar, logs, stats.lrs)
         bar.close()
         return stats
 
-    def _micro_step(self, batch: Any, group: int, *, sync: bool) -> torch.Tensor:
-        """Forward + backward of one micro-batch; DDP syncs gradients only on a group's last micro-batch."""
-        no_sync = isinstance(self.model, DistributedDataParallel) and not sync
-        with self.model.no_sync() if no_sync else contextlib.nullcontext():
-            with self.autocast():
-                loss, _ = self.task.loss(self.model, batch)
-            (loss / group).backward()
-        return loss.detach().float()
-
-    def _set_lr(self, lr: float) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        return lr
-
-    def _optimizer_step(self, loss_finite: torch.Tensor, stats: _EpochStats) -> None:
-        """Clip and step, unless the loss or gradient is non-finite anywhere: then drop the gradients."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        max_norm = self.cfg.clip_grad if self.cfg.clip_grad else math.inf
-        if not params:  # e.g. every parameter frozen for this step
-            params = [torch.zeros((), device=loss_finite.device, requires_grad=True)]
-        fp8_clip = getattr(self.optimizer, "clip_grad_norm_", None)
-        # An FP8 optimizer's own clip also covers the E4M3 weight gradients, which live outside `.grad`.
-        norm = fp8_clip(max_norm) if fp8_clip else torch.nn.utils.clip_grad_norm_(params, max_norm)
-        finite = all_ranks_true(bool(loss_finite & torch.isfinite(norm)), self.env)
-        if finite:
-            self.optimizer.step()
-            stats.grad_norms.append(float(norm))
-        else:
-            stats.skipped_steps += 1
-            if self.env.is_main:
-                warnings.warn(
-                    f"non-finite loss or gradient at step {self.state.step}: update skipped",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        stats.steps += 1
-
-    def _log_step(self, bar: tqdm, loss: torch.Tensor, lr: float) -> None:
-        value = float(loss)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
-        self.log.log_step(self.state.step, {"loss": value, "lr": lr})
+    def _log_step(self, bar: tqdm, logs: Logs, lrs: Mapping[str, float]) -> None:
+        values = {key: float(value) for key, value in logs.items()}
+        lr = next(iter(lrs.values()))
+        if values:  # the first entry is the task's headline
+            key, value = next(iter(values.items()))
+            bar.set_postfix({key: f"{value:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
+        self.log.log_step(self.state.step, {**values, **_per_optimizer("lr", lrs)})
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def _row(
         self, epoch: int, stats: _EpochStats, metrics: dict[str, float], train_time: float, epoch_time: float
     ) -> dict[str, Any]:
         expected = _expected_samples(self.train_loader, self.micro_batches)
-        totals = all_reduce_sums(
-            {
-                "loss_sum": stats.loss_sum,
-                "loss_count": stats.loss_count,
-                "seen": stats.seen,
-                "expected": stats.seen if expected is None else expected,
-            },
-            self.env,
-        )
-        skipped = int(totals["expected"] - totals["seen"])
+        sums: dict[str, torch.Tensor | float] = {
+            "__seen": stats.seen,
+            "__expected": stats.seen if expected is None else expected,
+        }
+        for key in stats.log_sums:
+            sums[f"sum/{key}"], sums[f"count/{key}"] = stats.log_sums[key], stats.log_counts[key]
+        totals = all_reduce_sums(sums, self.env)
+        seen, skipped = int(totals["__seen"]), int(totals["__expected"] - totals["__seen"])
         if skipped > 0 and self.env.is_main:
             warnings.warn(
                 f"epoch {epoch + 1}: {skipped} unreadable training samples skipped",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return {
+        train_logs = {
+            f"train_{key}": totals[f"sum/{key}"] / totals[f"count/{key}"] if totals[f"count/{key}"] else math.nan
+            for key in stats.log_sums
+        }
+        norms = {name: float(np.mean(slot.norms)) if slot.norms else math.nan for name, slot in self.slots.items()}
+        row = {
             "epoch": epoch + 1,
             "step": self.state.step,
-            "lr": stats.lr,
-            "train_loss": totals["loss_sum"] / totals["loss_count"] if totals["loss_count"] else math.nan,
+            **_per_optimizer("lr", stats.lrs or {name: math.nan for name in self.slots}),
+            **train_logs,
             **metrics,
-            "grad_norm": float(np.mean(stats.grad_norms)) if stats.grad_norms else math.nan,
+            **_per_optimizer("grad_norm", norms),
             "epoch_time": epoch_time,
             "steps_per_s": stats.steps / train_time if train_time > 0 else math.nan,
-            "samples_per_s": totals["seen"] / train_time if train_time > 0 else math.nan,
-            "samples_seen": int(totals["seen"]),
-            "samples_expected": int(totals["expected"]),
+            "samples_per_s": seen / train_time if train_time > 0 else math.nan,
+            "samples_seen": seen,
+            "samples_expected": int(totals["__expected"]),
             "skipped_samples": max(skipped, 0),
-            "skipped_steps": stats.skipped_steps,
+            "skipped_steps": sum(slot.skipped for slot in self.slots.values()),
         }
+        for slot in self.slots.values():
+            slot.norms.clear()
+            slot.skipped = 0
+        return row
 
     def _update_best(self, row: dict[str, Any]) -> bool:
         key, mode = self.task.best_metric
@@ -299,23 +327,45 @@ class _Fit:
             return True
         return False
 
+    def _frozen_fingerprints(self) -> dict[str, dict[str, str | None]]:
+        return {name: frozen.fingerprint() for name, frozen in self.frozen.items()}
+
     def _resume(self) -> None:
         path = self.run_dir / "checkpoint.pt"
         if not (self.cfg.resume and path.is_file()):
             return
         ckpt = ckpt_io.load_checkpoint(path)
+        self._check_frozen(ckpt["frozen"], path)
         self.plain.load_state_dict(ckpt["model"])
-        precision.load_optimizer_state_dict(self.optimizer, ckpt["optimizer"])
+        if sorted(ckpt["optimizers"]) != sorted(self.slots):
+            raise ckpt_io.CheckpointError(
+                f"{path} holds optimizers {sorted(ckpt['optimizers'])}, this run trains {sorted(self.slots)}"
+            )
+        for name, slot in self.slots.items():
+            precision.load_optimizer_state_dict(slot.optimizer, ckpt["optimizers"][name])
+        self.task.load_state_dict(ckpt["task"])
         ckpt_io.set_rng_state(ckpt["rng"])
         self.state = RunState(
             epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], history=list(ckpt["history"])
         )
         self._say(f"resumed from {path} after epoch {self.state.epoch} (step {self.state.step})")
 
+    def _check_frozen(self, recorded: Mapping[str, Any], path: Path) -> None:
+        """A frozen helper (e.g. a tokenizer) must be the one the checkpoint was trained with."""
+        for name, now in self._frozen_fingerprints().items():
+            before = recorded.get(name)
+            if before is not None and before["sha256"] != now["sha256"]:
+                raise ckpt_io.CheckpointError(
+                    f"{path} was trained with frozen module {name!r} from {before['source']} (sha256 "
+                    f"{before['sha256']}), but {now['source']} now has sha256 {now['sha256']}: resuming would mix two "
+                    "different helpers; start a new run folder or restore the original file"
+                )
+
     def _save(self, improved: bool) -> None:
         # Every rank builds the states: a sharded model and optimizer (FP8 O3) gather their shards collectively.
         model_state = self.plain.state_dict()
-        optimizer_state = precision.optimizer_state_dict(self.optimizer)
+        optimizer_states = {name: precision.optimizer_state_dict(s.optimizer) for name, s in self.slots.items()}
+        task_state = self.task.state_dict()
         if not self.env.is_main:
             return
         path = self.run_dir / "checkpoint.pt"
@@ -323,7 +373,9 @@ class _Fit:
             path,
             {
                 "model": model_state,
-                "optimizer": optimizer_state,
+                "optimizers": optimizer_states,
+                "task": task_state,
+                "frozen": self._frozen_fingerprints(),
                 "epoch": self.state.epoch,
                 "step": self.state.step,
                 "config": to_dict(self.cfg),
@@ -338,6 +390,13 @@ class _Fit:
     def _say(self, text: str) -> None:
         if self.env.is_main:
             print(text, flush=True)
+
+
+def _per_optimizer(column: str, values: Mapping[str, float]) -> dict[str, float]:
+    """``{column: main value, column_<name>: value of each other optimizer}``: one-optimizer runs keep plain
+    ``lr`` / ``grad_norm`` columns."""
+    names = list(values)
+    return {column if i == 0 else f"{column}_{name}": values[name] for i, name in enumerate(names)}
 
 
 def run_evaluation(
@@ -367,13 +426,15 @@ def run_evaluation(
     return {**task.finalize(totals), "val_skipped_samples": max(missing, 0)}
 
 
-_COUNT_COLUMNS = ("samples_seen", "samples_expected")
+_UNSUMMARISED = ("epoch", "step", "lr", "epoch_time", "steps_per_s", "samples_per_s", "samples_seen",
+                 "samples_expected")  # fmt: skip
 
 
 def _summary(row: dict[str, Any], epochs: int) -> str:
-    skip = {"epoch", "step", "lr", "epoch_time", "steps_per_s", "samples_per_s", *_COUNT_COLUMNS}
     values = " ".join(
-        f"{k} {v:.4g}" for k, v in row.items() if k not in skip and isinstance(v, float) and math.isfinite(v)
+        f"{k} {v:.4g}"
+        for k, v in row.items()
+        if k not in _UNSUMMARISED and not k.startswith("lr_") and isinstance(v, float) and math.isfinite(v)
     )
     return (
         f"epoch {row['epoch']}/{epochs} step {row['step']} lr {row['lr']:.3g} {values} | "
@@ -384,22 +445,26 @@ def _summary(row: dict[str, Any], epochs: int) -> str:
 def fit(
     model: nn.Module,
     task: Task,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Optimizers,
     train_loader: Iterable[Any],
     val_loader: Iterable[Any] | None,
     cfg: TrainConfig,
     *,
     env: DistEnv | None = None,
     autocast: AutocastFactory = contextlib.nullcontext,
+    loaders: Mapping[str, Iterable[Any]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` for ``cfg.epochs`` epochs, writing the run folder ``cfg.output_dir``.
 
     Uses from ``cfg``: epochs, accum_steps, clip_grad, seed, optim (schedule), output_dir, resume, eval_every,
     tensorboard, log_every, max_steps_per_epoch. ``model`` is the plain module on its device (wrapped in
-    DistributedDataParallel here when ``env`` is distributed) and ``optimizer`` is built over its parameters.
-    ``autocast`` is the factory from :func:`swinlab.engine.precision.wrap`.
+    DistributedDataParallel here when ``env`` is distributed). ``optimizers`` is one optimizer over its parameters
+    or, for a task that declares several (:meth:`~swinlab.tasks.Task.optimizers`), a mapping by those names
+    (:func:`swinlab.engine.optim.build_optimizers` builds it). ``autocast`` is the factory from
+    :func:`swinlab.engine.precision.wrap`; ``loaders`` holds the extra loaders the task draws from by name.
 
-    Returns the last epoch's metrics plus ``best``, ``epochs_completed`` and ``run_dir``.
+    Returns the last epoch's metrics plus ``best``, ``epochs_completed``, ``run_dir`` and ``summary`` (the task's
+    closing lines).
     """
     env = env or DistEnv(device=model_device(model))
-    return _Fit(model, task, optimizer, train_loader, val_loader, cfg, env, autocast).run()
+    return _Fit(model, task, optimizers, train_loader, val_loader, cfg, env, autocast, loaders or {}).run()

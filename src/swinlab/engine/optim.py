@@ -8,13 +8,14 @@ it; the model's ``no_weight_decay_keywords()`` catches it by name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from swinlab.config import OptimConfig
+from swinlab.tasks.base import Task
 
 
 def _model_names(model: nn.Module, method: str) -> set[str]:
@@ -23,7 +24,10 @@ def _model_names(model: nn.Module, method: str) -> set[str]:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, lr_mult: Mapping[str, float] | None = None
+    model: nn.Module,
+    weight_decay: float,
+    lr_mult: Mapping[str, float] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Split trainable parameters by weight decay and learning-rate multiplier (empty groups dropped).
 
@@ -32,7 +36,8 @@ def param_groups(
     ``model.no_weight_decay()``, names containing any of ``model.no_weight_decay_keywords()``.
     Models without those methods just get the ``ndim`` rule. ``lr_mult`` maps a name substring to a factor on
     the scheduled learning rate (e.g. ``{"log_sigma": 10}`` for GMConv's sigmas, which barely move at the base
-    rate); each group carries it as ``lr_scale``, which the loop applies at every step.
+    rate); each group carries it as ``lr_scale``, which the loop applies at every step. ``select``: only the
+    parameters whose names it accepts (one of a task's several optimizers).
     """
     lr_mult = dict(lr_mult or {})
     for key, factor in lr_mult.items():
@@ -42,7 +47,7 @@ def param_groups(
     skip_keywords = _model_names(model, "no_weight_decay_keywords")
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or (select is not None and not select(name)):
             continue
         exempt = (
             param.ndim <= 1
@@ -68,12 +73,14 @@ def _fused_adamw_applies(groups: list[dict[str, Any]]) -> bool:
     return all(p.is_floating_point() and p.device.type in _FUSED_ADAMW_DEVICES for p in params)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, select: Callable[[str], bool] | None = None
+) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum as the official recipes, over :func:`param_groups`.
 
     The learning rate given here is only a placeholder: the schedule sets it before every step.
     """
-    groups = param_groups(model, cfg.weight_decay, cfg.lr_mult)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr_mult, select)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to optimize")
     name = cfg.name.lower()
@@ -83,3 +90,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     raise ValueError(f"unknown optimizer {cfg.name!r} (choose 'adamw' or 'sgd')")
+
+
+def build_optimizers(model: nn.Module, task: Task, default: OptimConfig) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers ``task`` declares (:meth:`~swinlab.tasks.Task.optimizers`), each over its parameters with
+    its own recipe (``default``, the run's ``optim`` section, where the task gives none).
+
+    Every trainable parameter must fall to exactly one optimizer: one left out would silently never train, one
+    in two would be updated twice.
+    """
+    specs = task.optimizers(model)
+    if not specs:
+        raise ValueError(f"{type(task).__name__}.optimizers() declares no optimizer")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    owners = {name: [key for key, spec in specs.items() if spec.params(name)] for name in trainable}
+    orphans = [name for name, keys in owners.items() if not keys]
+    shared = [f"{name} ({', '.join(keys)})" for name, keys in owners.items() if len(keys) > 1]
+    if orphans or shared:
+        problems = ([f"in no optimizer: {', '.join(orphans[:5])}"] if orphans else []) + (
+            [f"in several: {', '.join(shared[:5])}"] if shared else []
+        )
+        raise ValueError(f"{type(task).__name__}.optimizers(): trainable parameters {'; '.join(problems)}")
+    empty = [key for key, spec in specs.items() if not any(spec.params(name) for name in trainable)]
+    if empty:
+        names = ", ".join(map(repr, empty))
+        raise ValueError(f"{type(task).__name__}.optimizers(): {names} selects no trainable parameter")
+    return {key: build_optimizer(model, spec.config or default, spec.params) for key, spec in specs.items()}

@@ -7,6 +7,7 @@ branches on the rank. matplotlib and tensorboard are optional and imported only 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,8 +18,6 @@ import yaml
 
 from swinlab.engine.checkpoint import atomic_write
 
-# Columns the loop fills for every task; the task's own metric names go after train_loss.
-LOOP_COLUMNS = ("epoch", "step", "lr", "train_loss")
 THROUGHPUT_COLUMNS = (
     "grad_norm",
     "epoch_time",
@@ -32,21 +31,33 @@ THROUGHPUT_COLUMNS = (
 )
 
 
-def csv_columns(metric_names: Sequence[str]) -> list[str]:
-    return [*LOOP_COLUMNS, *metric_names, *THROUGHPUT_COLUMNS]
+def csv_columns(metric_names: Sequence[str], history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """metrics.csv's columns: epoch, step, learning rates, the task's ``train_*`` logs, its metrics, the rest.
+
+    Taken from the rows themselves, because a task's logs are whatever its steps return (a column may first
+    appear in a later epoch, e.g. metrics on ``eval_every`` epochs only).
+    """
+    seen = list(dict.fromkeys(key for row in history for key in row))
+    head = ["epoch", "step", "lr", *(k for k in seen if k.startswith(("lr_", "train_")))]
+    tail = ["grad_norm", *(k for k in seen if k.startswith("grad_norm_")), *THROUGHPUT_COLUMNS[1:]]
+    middle = [k for k in dict.fromkeys([*metric_names, *seen]) if k not in head and k not in tail]
+    return [*head, *middle, *tail]
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], metric_names: Sequence[str], path: Path) -> None:
-    """Losses, task metrics and learning rate per epoch, as one PNG (needs matplotlib)."""
+    """Losses, task metrics, other training logs and learning rates per epoch, as one PNG (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    columns = csv_columns(metric_names, history)
+    losses = [k for k in columns if k.endswith("loss")]
     panels = [
-        ("loss", ["train_loss", *(m for m in metric_names if m.endswith("loss"))]),
-        ("metric", [m for m in metric_names if not m.endswith("loss")]),
-        ("learning rate", ["lr"]),
+        ("loss", losses),
+        ("metric", [m for m in metric_names if m not in losses]),
+        ("training logs", [k for k in columns if k.startswith("train_") and k not in losses]),
+        ("learning rate", [k for k in columns if k == "lr" or k.startswith("lr_")]),
     ]
     panels = [(title, keys) for title, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
@@ -82,7 +93,6 @@ class RunLog:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.metric_names = tuple(metric_names)
-        self.columns = csv_columns(metric_names)
         self.enabled = enabled
         self._tb = None
         self._plot_warned = False
@@ -100,14 +110,18 @@ class RunLog:
             text = yaml.safe_dump(dict(config), sort_keys=False)
             atomic_write(self.run_dir / "config.yaml", lambda f: f.write(text.encode()))
 
-    def restart_csv(self, history: Sequence[Mapping[str, Any]]) -> None:
-        """Start metrics.csv: header plus the rows a resumed checkpoint knows (drops unsaved epochs' rows)."""
+    def write_metrics(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """(Re)write metrics.csv from the run's rows, atomically: a resumed run drops the rows of epochs it did not
+        checkpoint, and a column a task adds later gets its header."""
         if not self.enabled:
             return
-        with open(self.csv_path, "w", newline="") as f:
-            writer = self._writer(f)
-            writer.writeheader()
-            writer.writerows(history)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(
+            buffer, fieldnames=csv_columns(self.metric_names, history), restval="", extrasaction="ignore"
+        )
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write(self.csv_path, lambda f: f.write(buffer.getvalue().encode()))
 
     def log_step(self, step: int, scalars: Mapping[str, float]) -> None:
         if self._tb is not None:
@@ -115,11 +129,10 @@ class RunLog:
                 self._tb.add_scalar(f"train/{key}", value, step)
 
     def log_epoch(self, row: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
-        """Append ``row`` to metrics.csv (after :meth:`restart_csv`) and TensorBoard; redraw curves.png."""
+        """Write ``history`` (ending with ``row``) to metrics.csv, ``row`` to TensorBoard; redraw curves.png."""
         if not self.enabled:
             return
-        with open(self.csv_path, "a", newline="") as f:
-            self._writer(f).writerow(row)
+        self.write_metrics(history)
         if self._tb is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step") and _is_number(value):
@@ -131,9 +144,6 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-    def _writer(self, f) -> csv.DictWriter:
-        return csv.DictWriter(f, fieldnames=self.columns, restval="", extrasaction="ignore")
 
     def _plot(self, history: Sequence[Mapping[str, Any]]) -> None:
         try:

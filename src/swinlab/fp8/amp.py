@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,16 +81,15 @@ def _under(fqn: str, prefixes: Sequence[str]) -> bool:
     return any(fqn == p or fqn.startswith(p + ".") for p in prefixes)
 
 
-def convert_linears(
-    model: nn.Module, module_filter: ModuleFilter = default_filter, keep: Sequence[str] = (), **kwargs
-) -> list[str]:
-    """Replace every ``nn.Linear`` accepted by ``module_filter(module, fqn)`` by an FP8Linear; returns their fqns.
+def fp8_candidates(
+    model: nn.Module, module_filter: ModuleFilter = default_filter, keep: Sequence[str] = ()
+) -> list[tuple[str, nn.Linear]]:
+    """The ``(fqn, linear)`` pairs :func:`convert_linears` would turn into FP8 (nothing is changed).
 
     ``keep``: module names (a module and everything in it) left in high precision whatever the filter says; a
-    name that is no module of ``model`` is refused. ``kwargs`` go to :meth:`FP8Linear.from_linear`. Layers that
-    already are FP8Linear are left alone. With the default filter, linears kept out only because ``_scaled_mm``
-    needs dims that are multiples of 16 are named in a warning: a model whose big layers silently stayed FP32
-    would neither save memory nor say why.
+    name that is no module of ``model`` is refused. With the default filter, linears kept out only because
+    ``_scaled_mm`` needs dims that are multiples of 16 are named in a warning: a model whose big layers silently
+    stayed FP32 would neither save memory nor say why.
     """
     modules = dict(model.named_modules())
     unknown = [name for name in keep if name not in modules]
@@ -100,7 +100,6 @@ def convert_linears(
         for fqn, module in modules.items()
         if type(module) in (nn.Linear, Linear) and fqn and not _under(fqn, keep)
     ]
-    chosen = [(fqn, module) for fqn, module in linears if module_filter(module, fqn)]
     if module_filter is default_filter:
         unaligned = [
             f"{fqn} ({module.in_features}->{module.out_features})"
@@ -112,8 +111,22 @@ def convert_linears(
                 f"FP8: kept {len(unaligned)} linear(s) in high precision because FP8 GEMMs need in/out features "
                 f"that are multiples of {ALIGN}: {', '.join(unaligned)}; a module_filter that accepts them runs "
                 "them in FP8 with zero padding",
-                stacklevel=2,
+                stacklevel=3,
             )
+    return [(fqn, module) for fqn, module in linears if module_filter(module, fqn)]
+
+
+def convert_linears(
+    model: nn.Module, module_filter: ModuleFilter = default_filter, keep: Sequence[str] = (), **kwargs
+) -> list[str]:
+    """Replace every ``nn.Linear`` :func:`fp8_candidates` chooses by an FP8Linear; returns their fqns.
+
+    ``kwargs`` go to :meth:`FP8Linear.from_linear`. Layers that already are FP8Linear are left alone.
+    """
+    return _swap_linears(model, fp8_candidates(model, module_filter, keep), **kwargs)
+
+
+def _swap_linears(model: nn.Module, chosen: Sequence[tuple[str, nn.Linear]], **kwargs) -> list[str]:
     for fqn, module in chosen:
         parent_name, _, child_name = fqn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -157,7 +170,7 @@ def clear_flags(model: nn.Module) -> None:
 
 def initialize(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     opt_level: str = "O1",
     *,
     module_filter: ModuleFilter | None = None,
@@ -170,14 +183,17 @@ def initialize(
     master_dtype: torch.dtype | None = None,
     m1_dtype: torch.dtype | None = None,
     m2_dtype: torch.dtype | None = None,
-) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+) -> tuple[nn.Module, Any]:
     """Prepare ``model`` and ``optimizer`` for FP8 training at ``opt_level``; returns ``(model, optimizer)``.
 
     Call once, after model and optimizer exist and the model is on its device, before any wrapper (DDP,
     compile). The linears accepted by
     ``module_filter`` (default :func:`default_filter`) become :class:`FP8Linear`; a ``torch.optim.AdamW`` or
     ``torch.optim.SGD`` is replaced by its FP8 twin (same groups and hyper-parameters) storing FP8 weights and
-    moments as :data:`LEVEL_DTYPES` says. ``master_dtype`` / ``m1_dtype`` / ``m2_dtype`` override the level's
+    moments as :data:`LEVEL_DTYPES` says. ``optimizer`` may also be a list (a task that trains parameter sets with
+    several optimizers, e.g. architecture search): each one holding weights of FP8 layers becomes an FP8 twin, the
+    others stay as they are (their parameters are not FP8, so FP8-LM's levels change nothing for them); the list
+    comes back in the same order. ``master_dtype`` / ``m1_dtype`` / ``m2_dtype`` override the level's
     choice (the precision-decoupling ablations: e.g. ``master_dtype=torch.float8_e4m3fn``). Without an optimizer
     (evaluation) only the layers are swapped. ``grad_format`` is the output gradients' format: E5M2 (FP8-LM,
     range first) or ``"e4m3"`` (its 3 mantissa bits keep the gradient GEMMs within 5 % of FP32, where E5M2's
@@ -192,25 +208,34 @@ def initialize(
     level = str(opt_level).upper()
     if level not in OPT_LEVELS:
         raise ValueError(f"unknown opt_level {opt_level!r} (choose one of {', '.join(OPT_LEVELS)})")
-    sharded = level == "O3" and optimizer is not None  # evaluation (no optimizer) needs no sharding
+    single = optimizer is None or isinstance(optimizer, torch.optim.Optimizer)
+    optimizers = ([] if optimizer is None else [optimizer]) if single else list(optimizer)
+    sharded = level == "O3" and bool(optimizers)  # evaluation (no optimizer) needs no sharding
     if sharded:
         require_process_group()
         if grad_mode != "fp8":
             raise ValueError("FP8 O3 keeps weight gradients as E4M3 shards: use grad_mode='fp8'")
     overrides = {"master_dtype": master_dtype, "m1_dtype": m1_dtype, "m2_dtype": m2_dtype}
     dtypes = {**LEVEL_DTYPES[level], **{k: v for k, v in overrides.items() if v is not None}}
-    if optimizer is not None:
-        check_convertible(optimizer)  # before touching the model, so a refused optimizer leaves it as it was
+    if single and optimizers:
+        check_convertible(optimizers[0])  # before touching the model, so a refused optimizer leaves it as it was
     grad_format = get_format(grad_format)  # an unknown name fails here, before the model is touched
     if scaling not in SCALING_POLICIES:
         raise ValueError(f"unknown scaling policy {scaling!r} (choose one of {', '.join(SCALING_POLICIES)})")
     for device in {p.device for p in model.parameters()}:
         require_fp8_gemm(device)
     keep = model_high_precision(model) if high_precision is None else tuple(high_precision)
-    converted = convert_linears(
+    chosen = fp8_candidates(model, module_filter or default_filter, keep)
+    fp8_weights = {id(module.weight) for _, module in chosen}
+    # One optimizer is always converted; of several, those that hold FP8 weights (checked, too, before the model
+    # is touched).
+    convert = [single or any(id(p) in fp8_weights for g in o.param_groups for p in g["params"]) for o in optimizers]
+    for opt, yes in zip(optimizers, convert, strict=True):
+        if yes and not single:
+            check_convertible(opt)
+    converted = _swap_linears(
         model,
-        module_filter or default_filter,
-        keep,
+        chosen,
         grad_mode=grad_mode,
         history_len=history_len,
         margin=margin,
@@ -223,9 +248,11 @@ def initialize(
             "precision",
             stacklevel=2,
         )
-    if optimizer is not None:
+    if optimizers:
         check_untied(model)
         if sharded:
-            optimizer = shard_fp8_linears(model, optimizer)
-        optimizer = convert_optimizer(optimizer, **dtypes)
-    return model, optimizer
+            shard_fp8_linears(model, optimizers)
+        optimizers = [convert_optimizer(o, **dtypes) if yes else o for o, yes in zip(optimizers, convert, strict=True)]
+    if single:
+        return model, (optimizers[0] if optimizers else None)
+    return model, optimizers

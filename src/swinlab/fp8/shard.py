@@ -27,6 +27,7 @@ A few collectives per layer say the same thing directly.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -217,13 +218,13 @@ class ShardedFP8Linear(FP8Linear):
 
 @torch.no_grad()
 def shard_fp8_linears(
-    model: nn.Module, optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None = None
-) -> torch.optim.Optimizer:
-    """Replace every FP8Linear of ``model`` by its :class:`ShardedFP8Linear` and point ``optimizer`` at the shards.
+    model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], group: dist.ProcessGroup | None = None
+) -> None:
+    """Replace every FP8Linear of ``model`` by its :class:`ShardedFP8Linear` and point ``optimizers`` at the shards.
 
     Parameters are first broadcast from rank 0 (as DDP does), so every rank starts from the same model.
-    ``optimizer`` must not have stepped yet; it is returned with the same groups, each full FP8 weight replaced by
-    its shard (convert it to the FP8 optimizer afterwards). Raises if there is no process group.
+    The optimizers must not have stepped yet; in their groups each full FP8 weight is replaced by its shard
+    (convert them to FP8 optimizers afterwards). Raises if there is no process group.
     """
     require_process_group(group)
     root = dist.get_global_rank(group, 0) if group is not None else 0
@@ -232,7 +233,7 @@ def shard_fp8_linears(
     layers = [(name, m) for name, m in model.named_modules() if type(m) is FP8Linear]
     if not layers:
         raise ValueError("FP8 O3 found no FP8Linear to shard (module_filter kept every linear in high precision)")
-    if optimizer.state:
+    if any(optimizer.state for optimizer in optimizers):
         raise ValueError("shard the model before the optimizer's first step (it already holds state)")
     fp8_ids = {id(layer.weight) for _, layer in layers}
     replicated = [p for p in model.parameters() if id(p) not in fp8_ids and p.requires_grad]
@@ -243,9 +244,8 @@ def shard_fp8_linears(
         replaced[id(layer.weight)] = sharded.weight
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sharded)
-    for param_group in optimizer.param_groups:
+    for param_group in (g for optimizer in optimizers for g in optimizer.param_groups):
         param_group["params"] = [replaced.get(id(p), p) for p in param_group["params"]]
-    return optimizer
 
 
 def sharded_layers(model: nn.Module) -> list[ShardedFP8Linear]:

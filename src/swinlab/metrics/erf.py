@@ -2,14 +2,13 @@
 
 The ERF of a layer is how strongly each input pixel moves the layer's centre unit: the mean over a batch of
 ``|d (sum over channels of the centre output) / d input|``. It is what GMConv claims to reshape, so these
-functions (and ``swinlab erf``, which calls :func:`erf_report`) let a user see what a trained GMConv changed:
-two models side by side on the same images, the radial profile of each ERF, and every layer's learned sigma
-against its initial value. Plots import matplotlib lazily.
+functions (and ``swinlab erf``, which loads runs and calls :func:`erf_report`) let a user see what a trained GMConv
+changed: two models side by side on the same images, the radial profile of each ERF, and every layer's learned
+sigma against its initial value. Plots import matplotlib lazily; nothing here loads runs or data.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -19,10 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from swinlab.config import DataConfig
 from swinlab.layers.gmconv import GMConv2d
-
-INPUTS = ("data", "noise")
 
 
 class _Stop(Exception):
@@ -229,61 +225,6 @@ def save_sigma_plot(tables: Mapping[str, Sequence[SigmaRow]], path: str | Path) 
     return path
 
 
-# -- models and inputs for `swinlab erf` --
-
-
-@dataclass
-class ERFSource:
-    """A model to probe and where its images come from: a run folder / checkpoint (its config's validation
-    set) or a registered model name (the embedded Fashion-MNIST at the model's input size and channels)."""
-
-    label: str
-    model: nn.Module
-    data: DataConfig
-
-
-def load_source(source: str, img_size: int | None = None, pretrained: str | None = None) -> ERFSource:
-    """Build the model ``source`` names: an existing path is a run folder or checkpoint file (weights loaded),
-    anything else a registered model name (``pretrained`` weights optional)."""
-    import swinlab
-
-    path = Path(source)
-    if path.exists():
-        from swinlab import data
-        from swinlab.engine.checkpoint import load_checkpoint
-        from swinlab.engine.trainer import build_model, config_from_checkpoint
-
-        ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
-        cfg = config_from_checkpoint(ckpt)
-        if img_size is not None:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=img_size))
-        bundle = data.build(dataclasses.replace(cfg.data, val_limit=1), seed=cfg.seed)
-        model = build_model(cfg, bundle, torch.device("cpu"), pretrained=None)
-        model.load_state_dict(ckpt["model"])
-        return ERFSource(label=str(source), model=model.eval(), data=cfg.data)
-    model = swinlab.create_model(source, pretrained=pretrained, **({"img_size": img_size} if img_size else {}))
-    size = img_size or getattr(model, "img_size", 224)
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    cfg = DataConfig(name="fashion_mnist_embedded", img_size=size, in_chans=getattr(model, "in_chans", 3))
-    return ERFSource(label=source, model=model.eval(), data=cfg)
-
-
-def probe_inputs(source: ERFSource, kind: str = "data", batch: int = 32, seed: int = 0) -> torch.Tensor:
-    """``batch`` inputs for ``source``: the first validation images of its data (normalised as in training),
-    or standard-normal noise of the same shape (``kind="noise"``, seeded)."""
-    if kind not in INPUTS:
-        raise ValueError(f"unknown ERF inputs {kind!r}; choose one of {INPUTS}")
-    if batch < 1:
-        raise ValueError(f"the ERF batch must be >= 1, got {batch}")
-    from swinlab import data
-
-    cfg = dataclasses.replace(source.data, val_limit=batch, eval_batch_size=batch, augment="none")
-    images, _ = next(iter(data.build(cfg, seed=seed).val_loader))
-    if kind == "noise":
-        return torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    return images
-
-
 @dataclass
 class ERFReport:
     """What :func:`erf_report` measured and wrote."""
@@ -312,41 +253,28 @@ def _file_stem(layer: str) -> str:
 
 
 def erf_report(
-    sources: Sequence[str],
-    layer: str | None = None,
+    probes: Mapping[str, tuple[nn.Module, torch.Tensor]],
+    layer: str | None,
+    out_dir: str | Path,
     *,
     inputs: str = "data",
-    batch: int = 32,
-    img_size: int | None = None,
-    pretrained: str | None = None,
-    out_dir: str | Path | None = None,
-    seed: int = 0,
 ) -> ERFReport:
-    """Measure ``layer``'s ERF (default: the first model's last conv) for each source (run folder, checkpoint
-    or model name; the first is the one being studied, the others are compared with it on their own images,
-    which are the same ones when the data config is) and write ``erf_<layer>.png`` and ``sigma.png``.
-
-    ``pretrained`` (a checkpoint path) loads into the first source when it is a model name; ``out_dir``
-    defaults to the first source's run folder, or ``erf/`` for a model name.
+    """Measure ``layer``'s ERF (default: the first model's last conv) for each ``label -> (model, inputs)``
+    (the first is the one being studied, the others are compared with it) and write ``erf_<layer>.png`` and
+    ``sigma.png`` (when any model has GMConv layers) into ``out_dir``; ``inputs`` names what the images are.
     """
-    if not sources:
-        raise ValueError("give at least one run folder, checkpoint or model name")
-    loaded = [load_source(s, img_size=img_size, pretrained=pretrained if i == 0 else None)
-              for i, s in enumerate(sources)]  # fmt: skip
+    if not probes:
+        raise ValueError("give at least one model to probe")
+    first_label, (first, _) = next(iter(probes.items()))
     if layer is None:
-        convs = _conv_names(loaded[0].model)
+        convs = _conv_names(first)
         if not convs:
-            raise ValueError(f"{sources[0]!r} has no conv layer; pass --layer NAME")
+            raise ValueError(f"{first_label!r} has no conv layer; pass --layer NAME")
         layer = convs[-1]
-    erfs = {src.label: effective_receptive_field(src.model, probe_inputs(src, inputs, batch, seed), layer)
-            for src in loaded}  # fmt: skip
-    sigmas = {src.label: sigma_table(src.model) for src in loaded}
-    if out_dir is None:
-        first = Path(sources[0])
-        out_dir = first if first.is_dir() else first.parent if first.is_file() else Path("erf")
+    erfs = {label: effective_receptive_field(model, images, layer) for label, (model, images) in probes.items()}
+    sigmas = {label: sigma_table(model) for label, (model, _) in probes.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = save_erf_figure(erfs, out / f"erf_{_file_stem(layer)}.png", title=f"ERF at {layer} ({inputs} inputs)")
     sigma_figure = save_sigma_plot(sigmas, out / "sigma.png") if any(sigmas.values()) else None
     return ERFReport(layer, inputs, erfs, sigmas, figure, sigma_figure)
-
