@@ -3,4 +3,4 @@
 from swinlab.models.registry import create_model, list_models
 
 __all__ = ["create_model", "list_models"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

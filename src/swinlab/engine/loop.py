@@ -165,7 +165,7 @@ class _Fit:
         device = model_device(self.plain)
         self.frozen = task.frozen_modules()
         for frozen in self.frozen.values():
-            frozen.module.to(device).eval().requires_grad_(False)
+            frozen.place(device)
         self.run_dir = Path(cfg.output_dir)
         self.log = RunLog(self.run_dir, task.metric_names, enabled=env.is_main, tensorboard=cfg.tensorboard)
         self.micro_batches = _loader_len(train_loader, "training")

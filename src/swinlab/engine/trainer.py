@@ -143,6 +143,6 @@ def _evaluate(cfg: TrainConfig, state_dict: dict[str, Any], env: DistEnv) -> tup
     model, _, autocast = precision.wrap(model, None, cfg.precision, cfg.fp8)
     model.load_state_dict(state_dict)
     for frozen in task.frozen_modules().values():
-        frozen.module.to(env.device).eval().requires_grad_(False)
+        frozen.place(env.device)
     metrics = run_evaluation(model, task, bundle.val_loader, env, autocast)
     return metrics, task.summary(metrics, None, 0)

@@ -85,6 +85,10 @@ class FrozenModule:
     module: nn.Module
     source: str | None = None
 
+    def place(self, device: torch.device) -> nn.Module:
+        """On ``device``, in eval mode, without gradients: how every run holds it."""
+        return self.module.to(device).eval().requires_grad_(False)
+
     def fingerprint(self) -> dict[str, str | None]:
         if self.source is None or not Path(self.source).is_file():
             return {"source": self.source, "sha256": None}
