@@ -67,10 +67,10 @@ import torch
 
 import swinlab
 from swinlab import fp8
-from swinlab.config import load_config
 from swinlab.data import build
 from swinlab.engine import fit, precision, run_evaluation
 from swinlab.engine.optim import build_optimizer
+from swinlab.recipe import load_config
 from swinlab.tasks import LanguageModelTask
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt_nano_stdlib.yaml"

@@ -33,10 +33,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from swinlab.config import ModelConfig, OptimConfig, TrainConfig, load_config
+from swinlab.config import ModelConfig, OptimConfig
 from swinlab.engine import build_optimizer, fit, train
 from swinlab.layers import conv2d_factory
 from swinlab.metrics.erf import effective_receptive_field, erf_spread, save_erf_figure, save_sigma_plot, sigma_table
+from swinlab.recipe import TrainConfig, load_config
 from swinlab.tasks import ClassificationConfig, ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from swinlab.config import OptimConfig, TrainConfig
+from swinlab.config import OptimConfig
+from swinlab.recipe import TrainConfig
 from swinlab.tasks import ClassificationConfig
 
 IN_DIM, NUM_CLASSES = 8, 5

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import swinlab
-from swinlab.config import load_config
 from swinlab.engine import param_groups
 from swinlab.engine.runs import load_source
 from swinlab.layers import GMConv2d
 from swinlab.metrics.erf import sigma_table
+from swinlab.recipe import load_config
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from swinlab.cli import MAIN_JOB
-from swinlab.config import ConfigError, TrainConfig, from_dict, load_config, parse_override, to_dict
+from swinlab.config import ConfigError, parse_override, to_dict
+from swinlab.recipe import TrainConfig, from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

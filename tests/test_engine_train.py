@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from swinlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, from_dict
+from swinlab.config import DataConfig, ModelConfig, OptimConfig
 from swinlab.data import build
 from swinlab.engine import build_model, evaluate, load_checkpoint, train
+from swinlab.recipe import TrainConfig, from_dict
 from swinlab.tasks import ClassificationConfig
 
 

@@ -114,7 +114,7 @@ def test_unaligned_linears_kept_out_by_default_are_named_in_one_warning():
 
 @pytest.mark.parametrize("grad_format", ["e4m3", "e5m2"])
 def test_grad_format_reaches_every_layer_from_initialize_and_from_the_config(grad_format):
-    from swinlab.config import load_config
+    from swinlab.recipe import load_config
 
     model = Tiny()
     initialize(model, module_filter=lambda module, fqn: fqn.startswith("body"), grad_format=grad_format)
@@ -132,7 +132,7 @@ def test_grad_format_reaches_every_layer_from_initialize_and_from_the_config(gra
 
 @pytest.mark.parametrize(("setting", "fp8_blocks"), [(None, {"1"}), ("[]", {"0", "1"}), ("[transformer.h.1]", {"0"})])
 def test_config_high_precision_overrides_the_models_own_choice(setting, fp8_blocks):
-    from swinlab.config import load_config
+    from swinlab.recipe import load_config
 
     overrides = ["precision=fp8-o1"] + ([f"fp8.high_precision={setting}"] if setting else [])
     cfg = load_config(Path(__file__).parents[1] / "configs" / "gpt_nano_stdlib.yaml", overrides)
@@ -204,8 +204,9 @@ def test_o2_trains_video_swin_and_gpt(name, make_input):
 
 
 def _fp8_run(tmp_path):
-    from swinlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+    from swinlab.config import DataConfig, ModelConfig, OptimConfig
     from swinlab.engine import train
+    from swinlab.recipe import TrainConfig
 
     cfg = TrainConfig(
         model=ModelConfig(name="swinv2_nano_window4_32"),

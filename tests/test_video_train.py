@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from swinlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+from swinlab.config import DataConfig, ModelConfig, OptimConfig
 from swinlab.models.registry import list_models
+from swinlab.recipe import TrainConfig, load_config
 from swinlab.tasks import ClassificationTask, VideoClassificationConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -32,8 +32,8 @@ MAIN_JOB = (
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from swinlab.config import load_config
     from swinlab.engine import train
+    from swinlab.recipe import load_config
 
     cfg = load_config(args.config, args.set)
     result = train(cfg)
@@ -42,8 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_main_job(_: argparse.Namespace) -> int:
-    from swinlab.config import load_config
     from swinlab.engine import train
+    from swinlab.recipe import load_config
 
     print(
         "swinlab main job: Swin V2 (swinv2_nano_window4_32) on the embedded Fashion-MNIST subset "

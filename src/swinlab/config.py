@@ -1,7 +1,8 @@
-"""Experiment configuration: frozen dataclasses read from YAML recipes plus ``--set key=value`` overrides.
+"""Configuration sections as frozen dataclasses, and the machinery that reads YAML and ``--set key=value`` into them.
 
 Why dataclasses and not a free-form dict: a typo in a recipe (``optim.lr_rate``) must fail at load time with the
-list of valid keys, not be ignored for a whole training run.
+list of valid keys, not be ignored for a whole training run. The whole recipe of a run (these sections plus its
+task's own) is :class:`swinlab.recipe.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -127,71 +128,6 @@ class TaskConfig:
     ``module:Class`` of your own; ``task: <name>`` is short for ``task: {name: <name>}``."""
 
 
-def _task_section(values: dict[str, Any] | None = None, where: str = "task.") -> TaskConfig:
-    """The typed section of the task ``values["name"]`` names. The class is looked up in the task registry when a
-    recipe is read: the one place config reaches upward, so a typo in a task key fails at load time too."""
-    from swinlab.tasks.registry import config_class
-
-    values = dict(values or {})
-    name = values.get("name", TaskConfig.name)
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}name: expected a task name, got {name!r}")
-    try:
-        cls = config_class(name)
-    except ValueError as e:
-        raise ConfigError(f"{where}name: {e}") from None
-    values["name"] = name
-    return _build(cls, values, where)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    task: TaskConfig = field(default_factory=_task_section)
-    """What the run trains for and how it is scored: ``name`` plus that task's own keys (e.g. ``label_smoothing``,
-    ``mixup`` for classification)."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 10
-    clip_grad: float | None = 5.0
-    accum_steps: int = 1
-    precision: str = "fp32"
-    """``fp32``, ``bf16`` (autocast), or FP8-LM's ``fp8-o1`` / ``fp8-o2`` / ``fp8-o3`` (``swinlab.fp8.initialize``)."""
-    fp8: FP8Config = field(default_factory=FP8Config)
-    """Used by the ``fp8-*`` precisions only, e.g. ``--set fp8.grad_format=e4m3``."""
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    """``auto`` picks CUDA when present, else CPU."""
-    output_dir: str = "runs/default"
-    resume: bool = True
-    """Continue from ``output_dir/checkpoint.pt`` when it exists."""
-    eval_every: int = 1
-    tensorboard: bool = False
-    compile: bool = False
-    """``torch.compile`` the model. Measure before using it for CPU training: compiled graphs run torch's default GEMM
-    (MKL on x86) instead of swinlab's oneDNN linears, and inductor's fresh buffers cost page faults
-    (``benchmarks/RESULTS.md``)."""
-    log_every: int = 10
-    max_steps_per_epoch: int | None = None
-    """Cut each epoch short (smoke tests)."""
-    threads: int | None = None
-    """``torch.set_num_threads`` for CPU runs; ``None`` leaves torch's default."""
-    reuse_cpu_memory: bool = True
-    """Keep freed CPU memory in the process (``swinlab.engine.allocator``): large activations then cost no fresh page
-    faults each step (SwinV2-T CPU training ~1.2x faster); ``false`` leaves the C library's default."""
-
-    def __post_init__(self) -> None:
-        if type(self.task) is TaskConfig:  # built in Python with only a name: take that task's own section
-            object.__setattr__(self, "task", _task_section({"name": self.task.name}))
-
-
-MOVED_KEYS = {
-    key: f"task.{key}" for key in ("label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")
-}
-"""Keys that left the top level for their task's section (so an old recipe gets told where they went)."""
-
-
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
 
@@ -202,8 +138,6 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _unknown_key(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
-    if not where and key in MOVED_KEYS:
-        return ConfigError(f"config key {key!r} moved to {MOVED_KEYS[key]!r} (the classification task's section)")
     valid = sorted(valid)
     close = difflib.get_close_matches(key, valid, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -226,16 +160,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if tp is TaskConfig:
-        if isinstance(value, str):
-            value = {"name": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a task name or a mapping, got {value!r}")
-        return _task_section(value, where + ".")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where + ".")
+        return build_section(tp, value, where + ".")
     if tp is Any:
         return value
     if origin is dict:
@@ -271,14 +199,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+def build_section(cls: type, values: dict[str, Any], where: str = "", **built: Any) -> Any:
+    """``cls(**values)`` with every value checked and converted to its field's type (errors name ``where + key``);
+    ``built`` passes fields that are already typed objects."""
     types_ = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
             raise _unknown_key(key, types_, where)
         kwargs[key] = _coerce(value, types_[key], where + key)
-    return cls(**kwargs)
+    return cls(**kwargs, **built)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -331,12 +261,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def from_dict(values: dict[str, Any]) -> TrainConfig:
-    if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a mapping at the top level, got {type(values).__name__}")
-    return _build(TrainConfig, values)
-
-
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
@@ -347,7 +271,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe; a top-level ``base: other.yaml`` (relative to this file) is read first and deep-merged under it,
     so a variant recipe states only what differs from its parent."""
     if not path.is_file():
@@ -367,13 +291,4 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         return loaded
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file name, got {base!r}")
-    return _merge(_read_yaml(path.parent / base, (*chain, path.resolve())), loaded)
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML recipe (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    values = apply_overrides(_read_yaml(Path(path)) if path is not None else {}, overrides)
-    try:
-        return from_dict(values)
-    except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+    return _merge(read_yaml(path.parent / base, (*chain, path.resolve())), loaded)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from swinlab.config import OptimConfig, TrainConfig, to_dict
+from swinlab.config import OptimConfig, to_dict
 from swinlab.engine import checkpoint as ckpt_io
 from swinlab.engine import precision
 from swinlab.engine.distributed import DistEnv, all_reduce_sums, unwrap_model, wrap_model
@@ -33,6 +33,7 @@ from swinlab.engine.precision import AutocastFactory
 from swinlab.engine.runlog import RunLog
 from swinlab.engine.schedule import build_schedule
 from swinlab.engine.step import CycledLoader, OptimizerSlot, Stepper
+from swinlab.recipe import TrainConfig
 from swinlab.tasks.base import Logs, Task, batch_len, model_device
 
 Optimizers = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from swinlab import data
-from swinlab.config import TrainConfig, apply_overrides, from_dict
+from swinlab.config import apply_overrides
 from swinlab.data.build import DataBundle
 from swinlab.engine import precision
 from swinlab.engine.allocator import reuse_freed_memory
@@ -23,6 +23,7 @@ from swinlab.engine.checkpoint import load_checkpoint
 from swinlab.engine.distributed import DistEnv, process_group
 from swinlab.engine.loop import fit, run_evaluation
 from swinlab.engine.optim import build_optimizers
+from swinlab.recipe import TrainConfig, from_dict
 from swinlab.tasks import Task, task_class
 
 

@@ -1,7 +1,7 @@
 """Tasks by name: ``task: <name>`` in a recipe picks one, and its class says which config section it reads.
 
-Entries are import paths, resolved on first use, so reading a recipe never imports a system it does not use
-(and ``swinlab.config`` can look a section up here without depending on every system). A name of the form
+Entries are import paths, resolved on first use, so reading a recipe (``swinlab.recipe``) never imports a system it
+does not use. A name of the form
 ``package.module:Class`` is taken as such a path too: a task of your own runs without registering it.
 Adding a task to swinlab = one module + one line here.
 """
