@@ -4,7 +4,7 @@ For each model and recipe: build it, run ``--warmup`` + ``--steps`` training ste
 optimizer step), then :func:`swinlab.fp8.memory_report` walks the live tensors (gradients still alive) and the
 table prints bytes/param per role, for the whole model and for the FP8 linears only. Step times are medians
 with the steps of all recipes interleaved (so machine load hits them alike), the optimizer step also on its own.
-On CPU ``torch._scaled_mm`` is emulated (dequantise + FP32 GEMM), so FP8 costs time here rather than saving it
+On CPU the FP8 GEMM is emulated (dequantise + FP32 GEMM), so FP8 costs time here rather than saving it
 (the GPU path is the same code).
 
 Recipes:

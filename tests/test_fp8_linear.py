@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swinlab.fp8 import E4M3, E5M2, FP8Linear, ScaledFP8, quantize, scaled_mm
+from swinlab.fp8 import linear as linear_module
 from swinlab.metrics import relative_l2_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -36,19 +37,23 @@ def assert_rounded_from_exact(out: torch.Tensor, a: ScaledFP8, b: ScaledFP8) -> 
 
 @pytest.fixture
 def cuda_rules(monkeypatch):
-    """Spy on torch._scaled_mm: every call must satisfy CUDA's layout and alignment rules."""
+    """Spy on the FP8 GEMM (``torch._scaled_mm`` on GPUs, its CPU twin here): every call must satisfy CUDA's layout
+    and alignment rules."""
     calls = []
-    real = torch._scaled_mm
 
-    def checked(mat_a, mat_b, **kwargs):
-        assert mat_a.is_contiguous(), "first operand must be row-major"
-        assert mat_b.t().is_contiguous(), "second operand must be column-major"
-        assert mat_a.shape[1] % 16 == 0 and mat_b.shape[1] % 16 == 0, (mat_a.shape, mat_b.shape)
-        assert not (mat_a.dtype == mat_b.dtype == torch.float8_e5m2)
-        calls.append((tuple(mat_a.shape), tuple(mat_b.shape)))
-        return real(mat_a, mat_b, **kwargs)
+    def checking(real):
+        def checked(mat_a, mat_b, **kwargs):
+            assert mat_a.is_contiguous(), "first operand must be row-major"
+            assert mat_b.t().is_contiguous(), "second operand must be column-major"
+            assert mat_a.shape[1] % 16 == 0 and mat_b.shape[1] % 16 == 0, (mat_a.shape, mat_b.shape)
+            assert not (mat_a.dtype == mat_b.dtype == torch.float8_e5m2)
+            calls.append((tuple(mat_a.shape), tuple(mat_b.shape)))
+            return real(mat_a, mat_b, **kwargs)
 
-    monkeypatch.setattr(torch, "_scaled_mm", checked)
+        return checked
+
+    monkeypatch.setattr(torch, "_scaled_mm", checking(torch._scaled_mm))
+    monkeypatch.setattr(linear_module, "dequantized_mm", checking(linear_module.dequantized_mm))
     return calls
 
 
@@ -72,6 +77,18 @@ def test_scaled_mm_row_major_b_is_relaid(cuda_rules):
     a = quantize(torch.randn(16, 32), E4M3, 1.0)
     b = quantize(torch.randn(32, 16), E5M2, 1.0)  # row-major (K, N): must be copied to column-major
     assert_rounded_from_exact(scaled_mm(a, b), a, b)
+
+
+@pytest.mark.parametrize(("scale_a", "scale_b"), [(0.5, 4.0), (2.0**-9, 2.0**7)])
+def test_cpu_gemm_agrees_with_torchs_scaled_mm(scale_a, scale_b):
+    """The CPU twin computes torch._scaled_mm's product (power-of-two scales, as swinlab's) up to summation order."""
+    a, b = operands(64, 256, 48, scale_a, scale_b)
+    mat_b = b.data.t().contiguous().t()
+    kwargs = {"scale_a": a.scale_inv, "scale_b": b.scale_inv, "out_dtype": torch.float32}
+    torch.testing.assert_close(
+        linear_module.dequantized_mm(a.data, mat_b, **kwargs), torch._scaled_mm(a.data, mat_b, **kwargs),
+        rtol=1e-6, atol=1e-6 * float(exact(a, b).abs().max()),
+    )  # fmt: skip
 
 
 def test_scaled_mm_rejects_bad_operands():
