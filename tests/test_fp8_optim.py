@@ -372,7 +372,7 @@ def test_fp8_o2_through_the_engine_resumes_identically(tmp_path, monkeypatch):
         run(tmp_path / "killed")
     monkeypatch.undo()
     ckpt = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
-    assert ckpt["optimizer"]["fp8"]["dtypes"]["exp_avg"] == "float8_e4m3fn"
+    assert ckpt["optimizers"]["model"]["fp8"]["dtypes"]["exp_avg"] == "float8_e4m3fn"
     resumed_model, resumed = run(tmp_path / "killed", model_seed=99)
     for key in ("train_loss", "val_loss", "grad_norm", "step"):
         assert resumed[key] == full[key], key
