@@ -45,6 +45,11 @@ def test_base_inheritance_and_overrides():
         ("task=nowhere:Task", r"task 'nowhere:Task': cannot import nowhere:Task"),
         ("task=[1]", "task: expected a task name or a mapping"),
         ("mixup=0.8", "config key 'mixup' moved to 'task.mixup'"),
+        ("optim.lr=-1", r"optim\.lr=-1\.0: must be > 0"),
+        ("optim.betas=[0.9, 1.0]", r"optim\.betas=1\.0: must be >= 0 and < 1"),
+        ("task.label_smoothing=1", r"task\.label_smoothing=1\.0: must be >= 0 and < 1"),
+        ("data.batch_size=0", r"data\.batch_size=0: must be >= 1"),
+        ("resume=maybe", "resume='maybe': must be true, false or force"),
     ],
 )
 def test_malformed_keys_and_values_are_named(override, message):

@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Swin Transformer V2 and friends. With no command: run the main job (train a small Swin V2 "
         "on the embedded Fashion-MNIST subset).",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("train", help="train from a YAML recipe")
@@ -204,25 +205,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's recipe, data, files or machine can cause: reported in one line, not a stack trace."""
+    from swinlab.config import ConfigError
+    from swinlab.engine.checkpoint import CheckpointError
+    from swinlab.engine.loop import TrainingError
+    from swinlab.engine.runfolder import RunFolderError
+
+    return ConfigError, ValueError, TypeError, CheckpointError, RunFolderError, TrainingError, OSError
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, FileNotFoundError):
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"  # e.g. "No space left on device: runs/main/.checkpoint.pt.tmp-123"
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func = getattr(args, "func", _cmd_main_job)
-    from swinlab.config import ConfigError
-
     try:
         return func(args)
-    except (ConfigError, ValueError, TypeError, FileNotFoundError) as e:
-        # User errors get one clear line, not a stack trace; SWINLAB_DEBUG=1 shows the trace.
-        if os.environ.get("SWINLAB_DEBUG"):
-            raise
-        print(f"swinlab: error: {e}  (SWINLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `swinlab models | head`
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted; the last completed epoch is in the run folder's checkpoint.pt", file=sys.stderr)
         return 130
+    except _user_errors() as e:
+        if args.debug or os.environ.get("SWINLAB_DEBUG"):
+            raise
+        print(f"swinlab: error: {_one_line(e)}  (--debug or SWINLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

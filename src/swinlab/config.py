@@ -15,16 +15,49 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take, checked when a recipe is read so the error names the key (a negative
+    ``clip_grad`` would otherwise flip every gradient, a negative ``lr`` fail deep inside torch)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return not (
+            (self.ge is not None and not value >= self.ge)
+            or (self.gt is not None and not value > self.gt)
+            or (self.le is not None and not value <= self.le)
+            or (self.lt is not None and not value < self.lt)
+        )
+
+    def __str__(self) -> str:
+        bounds = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                  if v is not None]  # fmt: skip
+        return " and ".join(bounds)
+
+
+Positive = Annotated[float, Range(gt=0)]
+NonNegative = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]
+"""In [0, 1): a share that cannot be all (label smoothing, a held-out part, Adam's betas)."""
+Probability = Annotated[float, Range(ge=0, le=1)]
+Count = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str = "swinv2_nano_window4_32"
     """A registered model name (``swinlab models`` lists them)."""
-    num_classes: int | None = None
+    num_classes: Count | None = None
     """Classifier size; ``None`` takes the dataset's class count."""
     pretrained: str | None = None
     """Path to an official or swinlab checkpoint loaded before training."""
@@ -43,40 +76,40 @@ class DataConfig:
     modelling): ``stdlib_docs`` (the Python standard library's docstrings, in every install), ``text`` (a
     ``.txt`` file or a folder of them in ``root``)."""
     root: str | None = None
-    img_size: int = 32
-    in_chans: int | None = None
+    img_size: Count = 32
+    in_chans: Count | None = None
     """``None``: keep the dataset's channels (1 for Fashion-MNIST, 3 for RGB sets)."""
-    batch_size: int = 64
+    batch_size: Count = 64
     """Per-process batch size; the global batch is ``batch_size * world_size * accum_steps``."""
-    eval_batch_size: int | None = None
-    num_workers: int = 0
+    eval_batch_size: Count | None = None
+    num_workers: NonNegativeInt = 0
     augment: str = "standard"
     """``standard`` (random resized crop + flip, as the Swin recipes), ``light`` (pad-crop + flip), ``none``."""
     hflip: bool = True
     mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    train_limit: int | None = None
+    std: tuple[Positive, ...] | None = None
+    train_limit: Count | None = None
     """Use only the first N training samples (quick experiments); text data: at most N windows per epoch."""
-    val_limit: int | None = None
-    heldout_fraction: float = 0.0
+    val_limit: Count | None = None
+    heldout_fraction: Fraction = 0.0
     """Hold out this last fraction of the training set as a second training loader, ``heldout``, for tasks that
     learn something on data the weights do not see (DARTS's architecture step: 0.5, as the official search)."""
     # -- video datasets (``video``: annotation lists, ``motion_demo``: generated); img_size is the crop size --
     train_list: str | None = None
     """``video``: the training annotation list or CSV (``path label`` lines), relative to ``root``."""
     val_list: str | None = None
-    clip_len: int = 32
+    clip_len: Count = 32
     """Frames per clip (the Video Swin K400 recipe: 32)."""
-    frame_interval: int = 2
+    frame_interval: Count = 2
     """Take every k-th frame (K400: 2, so a clip spans 64 frames)."""
-    test_clips: int = 1
+    test_clips: Count = 1
     """Clips per video at evaluation, spread uniformly (K400: 4); scores are averaged over all views."""
-    test_crops: int = 1
+    test_crops: Count = 1
     """Crops per clip at evaluation: 1 (centre) or 3 (along the longer side; K400: 3)."""
-    scale_size: int | None = None
+    scale_size: Count | None = None
     """Short side before the training crop; ``None``: ``img_size / 0.875`` (256 for 224)."""
     # -- text datasets (``stdlib_docs``, ``text``); val_limit caps the validation windows --
-    seq_len: int = 256
+    seq_len: Count = 256
     """Bytes per window; the model is built with ``block_size = seq_len``."""
 
 
@@ -84,15 +117,15 @@ class DataConfig:
 class OptimConfig:
     name: str = "adamw"
     """``adamw`` or ``sgd``."""
-    lr: float = 1e-3
+    lr: Positive = 1e-3
     """Peak learning rate for the global batch (no implicit linear scaling)."""
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.9
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    warmup_epochs: float = 1.0
+    weight_decay: NonNegative = 0.05
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: Positive = 1e-8
+    momentum: Fraction = 0.9
+    warmup_lr: NonNegative = 1e-6
+    min_lr: NonNegative = 1e-5
+    warmup_epochs: NonNegative = 1.0
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Learning-rate factors by parameter-name substring, e.g. ``{log_sigma: 10}`` for GMConv's sigmas."""
     schedule: str = "cosine"
@@ -106,9 +139,9 @@ class FP8Config:
     grad_format: str = "e5m2"
     """Output-gradient format: ``e5m2`` (FP8-LM / MS-AMP: range first; its rounding alone costs ~5.3 % relative
     L2) or ``e4m3`` (precision first: gradient GEMMs within 5 % of FP32, less head-room against overflow)."""
-    history_len: int = 16
+    history_len: Count = 16
     """Amaxes remembered by delayed scaling (activations, output gradients)."""
-    margin: int = 0
+    margin: NonNegativeInt = 0
     """Scales leave ``2**margin`` head-room below the format's maximum."""
     scaling: str = "delayed"
     """Activation / output-gradient scales: ``delayed`` (from the amax history, FP8-LM's default) or ``current``
@@ -133,7 +166,7 @@ class ConfigError(ValueError):
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -147,6 +180,13 @@ def _unknown_key(key: str, valid: typing.Iterable[str], where: str) -> ConfigErr
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert a YAML value to the annotated type, naming the key on failure."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *constraints = typing.get_args(tp)
+        value = _coerce(value, inner, where)
+        for allowed in (c for c in constraints if isinstance(c, Range)):
+            if value not in allowed:
+                raise ConfigError(f"{where}={value!r}: must be {allowed}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

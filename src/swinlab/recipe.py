@@ -14,10 +14,13 @@ from typing import Any
 
 from swinlab.config import (
     ConfigError,
+    Count,
     DataConfig,
     FP8Config,
     ModelConfig,
     OptimConfig,
+    Positive,
+    Probability,
     TaskConfig,
     apply_overrides,
     build_section,
@@ -51,9 +54,9 @@ class TrainConfig:
     """What the run trains for and how it is scored: ``name`` plus that task's own keys (e.g. ``label_smoothing``,
     ``mixup`` for classification)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 10
-    clip_grad: float | None = 5.0
-    accum_steps: int = 1
+    epochs: Count = 10
+    clip_grad: Positive | None = 5.0
+    accum_steps: Count = 1
     precision: str = "fp32"
     """``fp32``, ``bf16`` (autocast), or FP8-LM's ``fp8-o1`` / ``fp8-o2`` / ``fp8-o3`` (``swinlab.fp8.initialize``)."""
     fp8: FP8Config = field(default_factory=FP8Config)
@@ -63,24 +66,31 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` picks CUDA when present, else CPU."""
     output_dir: str = "runs/default"
-    resume: bool = True
-    """Continue from ``output_dir/checkpoint.pt`` when it exists."""
-    eval_every: int = 1
+    resume: bool | str = True
+    """``true``: continue from ``output_dir/checkpoint.pt`` when it exists and was trained with this recipe
+    (run-control keys such as ``epochs`` may differ); ``force``: continue it whatever changed (the new values apply
+    from here on); ``false``: start over, replacing the folder's checkpoints."""
+    eval_every: Count = 1
     tensorboard: bool = False
     compile: bool = False
     """``torch.compile`` the model. Measure before using it for CPU training: compiled graphs run torch's default GEMM
     (MKL on x86) instead of swinlab's oneDNN linears, and inductor's fresh buffers cost page faults
     (``benchmarks/RESULTS.md``)."""
-    log_every: int = 10
-    max_steps_per_epoch: int | None = None
+    log_every: Count = 10
+    max_steps_per_epoch: Count | None = None
     """Cut each epoch short (smoke tests)."""
-    threads: int | None = None
+    threads: Count | None = None
     """``torch.set_num_threads`` for CPU runs; ``None`` leaves torch's default."""
+    max_skipped_fraction: Probability = 0.5
+    """Stop the run when more than this share of an epoch's updates were skipped as non-finite: its weights no
+    longer learn (diverged, or a learning rate or FP8 scale far off)."""
     reuse_cpu_memory: bool = True
     """Keep freed CPU memory in the process (``swinlab.engine.allocator``): large activations then cost no fresh page
     faults each step (SwinV2-T CPU training ~1.2x faster); ``false`` leaves the C library's default."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume, str) and self.resume != "force":
+            raise ConfigError(f"resume={self.resume!r}: must be true, false or force")
         if type(self.task) is TaskConfig:  # built in Python with only a name: take that task's own section
             object.__setattr__(self, "task", task_section({"name": self.task.name}))
 

@@ -10,6 +10,7 @@ pickled code.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Callable
@@ -23,6 +24,10 @@ FORMAT = "swinlab-checkpoint"
 VERSION = 2
 """2: optimizers by name, task state and frozen helpers' fingerprints, the task's own config section."""
 REQUIRED_KEYS = ("model", "optimizers", "task", "frozen", "epoch", "step", "config", "history", "rng", "best")
+
+
+TEMP_MARKER = ".tmp-"
+"""Part of the name of a file an atomic write has not finished: ``.<name>.tmp-<pid>``."""
 
 
 class CheckpointError(RuntimeError):
@@ -43,7 +48,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Create or replace ``path`` with the bytes ``write(file)`` produces, all or nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -84,7 +89,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if isinstance(e, pickle.UnpicklingError):  # torch's weights-only refusal: long advice that does not apply
+            reason = "no torch file of tensors and plain data (a pickle of other objects is never loaded)"
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason[:160]}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a swinlab training checkpoint (no 'format': {FORMAT!r} entry); "

@@ -37,12 +37,22 @@ class DistEnv:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's CUDA device when CUDA exists, else CPU; any other name is taken as given."""
+    """``auto`` -> this process's CUDA device when CUDA exists, else CPU; any other name is taken as given (and
+    refused, by name, when this machine or torch build cannot run it)."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is no device name (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name!r}, but torch.cuda.is_available() is False (a CPU-only torch build, or no GPU/driver): "
+                "use device=auto or cpu"
+            )
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
     return device
 
 

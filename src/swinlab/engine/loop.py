@@ -28,8 +28,15 @@ from tqdm import tqdm
 from swinlab.config import OptimConfig, to_dict
 from swinlab.engine import checkpoint as ckpt_io
 from swinlab.engine import precision
-from swinlab.engine.distributed import DistEnv, all_reduce_sums, unwrap_model, wrap_model
+from swinlab.engine.distributed import DistEnv, all_ranks_true, all_reduce_sums, unwrap_model, wrap_model
 from swinlab.engine.precision import AutocastFactory
+from swinlab.engine.runfolder import (
+    RunFolderError,
+    lock_run_folder,
+    recipe_differences,
+    remove_stale_temp_files,
+    require_folder,
+)
 from swinlab.engine.runlog import RunLog
 from swinlab.engine.schedule import build_schedule
 from swinlab.engine.step import CycledLoader, OptimizerSlot, Stepper
@@ -37,6 +44,10 @@ from swinlab.recipe import TrainConfig
 from swinlab.tasks.base import Logs, Task, batch_len, model_device
 
 Optimizers = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot learn anything: nothing readable to train on, or updates skipped as non-finite."""
 
 
 @dataclass
@@ -168,6 +179,7 @@ class _Fit:
         for frozen in self.frozen.values():
             frozen.place(device)
         self.run_dir = Path(cfg.output_dir)
+        require_folder(self.run_dir)
         self.log = RunLog(self.run_dir, task.metric_names, enabled=env.is_main, tensorboard=cfg.tensorboard)
         self.micro_batches = _loader_len(train_loader, "training")
         if cfg.max_steps_per_epoch is not None:
@@ -192,24 +204,62 @@ class _Fit:
 
     # -- top level -------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        try:
-            self._resume()
-            self.log.write_config(to_dict(self.cfg))
-            self.log.write_metrics(self.state.history)
-            for epoch in range(self.state.epoch, self.cfg.epochs):
-                row = self._epoch(epoch)
-                self.state.history.append(row)
-                self.state.epoch = epoch + 1
-                improved = self._update_best(row)
-                self.log.log_epoch(row, self.state.history)
-                self._save(improved)
-                self._say(_summary(row, self.cfg.epochs))
-        finally:
-            self.log.close()
+        with contextlib.ExitStack() as stack:
+            self._take_run_folder(stack)
+            try:
+                self._resume()
+                if self.state.epoch >= self.cfg.epochs:
+                    self._say(f"nothing to train: {self.run_dir} already holds {self.state.epoch} epochs "
+                              f"(epochs={self.cfg.epochs}); raise epochs to train on")  # fmt: skip
+                self.log.write_config(to_dict(self.cfg))
+                self.log.write_metrics(self.state.history)
+                for epoch in range(self.state.epoch, self.cfg.epochs):
+                    row = self._epoch(epoch)
+                    self._check_trained(row)
+                    self.state.history.append(row)
+                    self.state.epoch = epoch + 1
+                    improved = self._update_best(row)
+                    self.log.log_epoch(row, self.state.history)
+                    self._save(improved)
+                    self._say(_summary(row, self.cfg.epochs))
+            finally:
+                self.log.close()
         last = self.state.history[-1] if self.state.history else {}
         summary = self.task.summary(last, self.state.best, self.state.epoch)
         done = {"best": self.state.best, "epochs_completed": self.state.epoch, "run_dir": str(self.run_dir)}
         return {**last, **done, "summary": summary}
+
+    def _take_run_folder(self, stack: contextlib.ExitStack) -> None:
+        """The main rank locks the run folder and clears what a killed run's atomic writes left; every rank stops
+        together when it cannot (the others would wait for it forever)."""
+        error = None
+        if self.env.is_main:
+            try:
+                stack.enter_context(lock_run_folder(self.run_dir))
+            except RunFolderError as e:
+                error = e
+            else:
+                for path in remove_stale_temp_files(self.run_dir):
+                    self._say(f"removed {path}, left half-written by a run that was killed")
+        if not all_ranks_true(error is None, self.env):
+            raise error or RunFolderError(f"rank 0 could not take the run folder {self.run_dir} (see its message)")
+
+    def _check_trained(self, row: Mapping[str, Any]) -> None:
+        """Stop a run that learns nothing, rather than report metrics of weights that never moved."""
+        epoch = row["epoch"]
+        if row["samples_seen"] == 0:
+            raise TrainingError(
+                f"epoch {epoch}: not one readable training sample ({row['samples_expected']} expected): every sample "
+                "failed to load (see the warnings above); check the data"
+            )
+        updates = row["step"] - (self.state.history[-1]["step"] if self.state.history else 0)
+        updates *= len(self.slots)
+        if updates and row["skipped_steps"] > self.cfg.max_skipped_fraction * updates:
+            raise TrainingError(
+                f"epoch {epoch}: {row['skipped_steps']} of {updates} updates were skipped because the loss or the "
+                f"gradients were not finite (more than max_skipped_fraction={self.cfg.max_skipped_fraction:g}): the "
+                "run diverged or its scales are off; lower optim.lr, check the data, or use another precision"
+            )
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         seed_epoch(self.cfg.seed, epoch)
@@ -336,20 +386,37 @@ class _Fit:
         if not (self.cfg.resume and path.is_file()):
             return
         ckpt = ckpt_io.load_checkpoint(path)
+        differences = recipe_differences(ckpt["config"], to_dict(self.cfg))
+        if differences and self.cfg.resume != "force":
+            shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
+            raise RunFolderError(
+                f"{path} was trained with another recipe ({shown}): continue it anyway with --set resume=force (the "
+                "new values apply from here on), start over in it with --set resume=false, or write elsewhere with "
+                "--set output_dir=..."
+            )
         self._check_frozen(ckpt["frozen"], path)
-        self.plain.load_state_dict(ckpt["model"])
         if sorted(ckpt["optimizers"]) != sorted(self.slots):
             raise ckpt_io.CheckpointError(
                 f"{path} holds optimizers {sorted(ckpt['optimizers'])}, this run trains {sorted(self.slots)}"
             )
-        for name, slot in self.slots.items():
-            precision.load_optimizer_state_dict(slot.optimizer, ckpt["optimizers"][name])
+        try:
+            self.plain.load_state_dict(ckpt["model"])
+            for name, slot in self.slots.items():
+                precision.load_optimizer_state_dict(slot.optimizer, ckpt["optimizers"][name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise ckpt_io.CheckpointError(
+                f"{path} does not fit this run's model or optimizers ({first}); start over with --set resume=false "
+                "or write elsewhere with --set output_dir=..."
+            ) from e
         self.task.load_state_dict(ckpt["task"])
         ckpt_io.set_rng_state(ckpt["rng"])
         self.state = RunState(
             epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], history=list(ckpt["history"])
         )
         self._say(f"resumed from {path} after epoch {self.state.epoch} (step {self.state.step})")
+        if differences:
+            self._say(f"with the recipe's new values (resume=force): {'; '.join(differences)}")
 
     def _check_frozen(self, recorded: Mapping[str, Any], path: Path) -> None:
         """A frozen helper (e.g. a tokenizer) must be the one the checkpoint was trained with."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinlab.config import TaskConfig
+from swinlab.config import Fraction, NonNegative, Probability, TaskConfig
 from swinlab.metrics import topk_correct
 from swinlab.tasks.base import Batch, Logs, Task, model_device, move_to
 
@@ -21,14 +21,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, kw_only=True)
 class ClassificationConfig(TaskConfig):
     name: str = "classification"
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
+    label_smoothing: Fraction = 0.1
+    mixup: NonNegative = 0.0
     """Mixup alpha (0 disables)."""
-    cutmix: float = 0.0
+    cutmix: NonNegative = 0.0
     """CutMix alpha (0 disables)."""
-    mixup_prob: float = 1.0
+    mixup_prob: Probability = 1.0
     """Probability that a batch is mixed at all."""
-    mixup_switch_prob: float = 0.5
+    mixup_switch_prob: Probability = 0.5
     """With both alphas set: probability of CutMix rather than Mixup for a batch."""
 
 
