@@ -98,3 +98,40 @@ def test_grayscale_imagefolder_and_errors(tmp_path):
     _save(root / "val" / "bird" / "0.png", "RGB")
     with pytest.raises(ValueError, match="bird"):
         build(DataConfig(name="imagefolder", root=str(root)), seed=0)
+
+
+def test_sixteen_bit_pngs_keep_their_values_or_scale_to_eight_bits(tmp_path):
+    from swinlab.data.images import read_image_array
+
+    depth = (np.arange(4 * 6).reshape(4, 6) * 2849).astype(np.uint16)  # up to 65527: a depth map in mm, say
+    depth[0, 0], depth[0, 1] = 65535, 32768
+    path = tmp_path / "train" / "deep" / "d.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(depth).save(path)
+    raw = read_image_array(path)
+    assert raw.dtype == np.uint16 and np.array_equal(raw, depth)  # the stored numbers, as stored
+    image, _ = ImageFolder(tmp_path / "train", channels=1)[0]
+    expected = np.round(depth / 257.0).astype(np.uint8)  # full scale to full scale, not clipped at 255
+    assert torch.equal(image[0], torch.from_numpy(expected)) and image[0, 0, 1] == 128
+    rgb, _ = ImageFolder(tmp_path / "train", channels=3)[0]
+    assert torch.equal(rgb, torch.from_numpy(expected).expand(3, -1, -1))
+    Image.fromarray(depth.astype(np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match=r"32-bit.*no agreed range"):
+        read_image_array(tmp_path / "f.tiff")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_eight_bit_images_read_as_pil_converts_them(tmp_path, mode):
+    path = tmp_path / "train" / "c" / "x.png"
+    if mode == "P":
+        path.parent.mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)).convert(
+            "P", palette=Image.Palette.ADAPTIVE).save(path)  # fmt: skip
+    else:
+        _save(path, mode)
+    for channels, pil_mode in ((1, "L"), (3, "RGB")):
+        image, _ = ImageFolder(tmp_path / "train", channels=channels)[0]
+        with Image.open(path) as img:
+            expected = torch.from_numpy(np.array(img.convert(pil_mode)))
+        expected = expected[None] if expected.ndim == 2 else expected.permute(2, 0, 1)
+        assert torch.equal(image, expected), (mode, channels)

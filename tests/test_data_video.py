@@ -176,6 +176,22 @@ def test_annotation_lists_and_kinetics_csv(tmp_path):
         read_annotations(root / "bad.txt")
 
 
+def test_one_class_mapping_for_every_split_and_labels_outside_it_are_named(tmp_path):
+    root = _dataset(tmp_path)
+    twelve = [f"abseiling/a.mp4 {i}" for i in range(12)]
+    (root / "typo.txt").write_text("\n".join([*twelve[:10], "abseiling/a.mp4 1O", *twelve[10:]]) + "\n")
+    with pytest.raises(ValueError, match=r"typo\.txt:11: label '1O' is not a number"):
+        read_annotations(root / "typo.txt")
+    (root / "train12.txt").write_text("\n".join(twelve) + "\n")
+    _, classes, _ = read_annotations(root / "train12.txt")
+    (root / "val12.txt").write_text("abseiling/b.avi 10\narchery/c 07\n")  # validation goes by the same names
+    records, _, _ = read_annotations(root / "val12.txt", classes=classes)
+    assert [r.label for r in records] == [10, 7]
+    (root / "val13.txt").write_text("abseiling/b.avi 12\n")
+    with pytest.raises(ValueError, match=r"val13\.txt:1: label '12' of b\.avi is not one of the run's 12 classes"):
+        read_annotations(root / "val13.txt", classes=classes)
+
+
 def test_missing_videos_reported_at_build_with_count(tmp_path):
     root = _dataset(tmp_path)
     (root / "more.txt").write_text("abseiling/a.mp4 0\nabseiling/gone.mp4 0\narchery/gone2.mp4 1\n")

@@ -9,6 +9,7 @@ from swinlab.data.build import DATASETS, EMBEDDED_DIR, DataBundle, build
 from swinlab.data.cifar import CIFAR
 from swinlab.data.idx import FASHION_MNIST_CLASSES, FashionMNIST, read_idx, write_idx
 from swinlab.data.imagefolder import ImageFolder
+from swinlab.data.images import read_image, read_image_array
 from swinlab.data.loading import TransformedDataset, collate_skip_none
 from swinlab.data.mixup import Mixup
 from swinlab.data.samplers import SeededDistributedSampler, ShardSampler
@@ -30,5 +31,7 @@ __all__ = [
     "build",
     "collate_skip_none",
     "read_idx",
+    "read_image",
+    "read_image_array",
     "write_idx",
 ]

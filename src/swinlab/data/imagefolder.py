@@ -9,9 +9,10 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
+
+from swinlab.data.images import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -19,7 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """uint8 CHW images with ``channels`` channels (1: grey, 3: RGB); RGBA, palette, L are converted."""
+    """uint8 CHW images with ``channels`` channels (1: grey, 3: RGB); RGBA, palette, L and 16-bit files are
+    converted (:func:`swinlab.data.images.read_image`)."""
 
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
@@ -59,12 +61,11 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
+            image = read_image(path, self.channels)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             if path not in self._warned:
                 self._warned.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {e}", RuntimeWarning, stacklevel=2)
             return None
-        tensor = torch.from_numpy(np.array(img))
+        tensor = torch.from_numpy(image)
         return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()), label

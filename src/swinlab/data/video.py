@@ -182,25 +182,30 @@ def _kinetics_name(row: dict[str, str]) -> str:
     return f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"
 
 
-def _read_csv(path: Path, root: Path) -> tuple[list[tuple[Path, str]], str]:
+Entry = tuple[Path, str, int]
+"""A listed video: its path, its label as written, and the line it is on (for error messages)."""
+
+
+def _read_csv(path: Path, root: Path) -> list[Entry]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())
         if {"path", "label"} <= columns:
-            return [(root / row["path"], row["label"]) for row in reader], "path,label"
+            return [(root / row["path"], row["label"], reader.line_num) for row in reader]
         if {"label", "youtube_id", "time_start", "time_end"} <= columns:
             entries = []
             for row in reader:
                 nested = root / row["label"] / _kinetics_name(row)
-                entries.append((nested if nested.exists() else root / _kinetics_name(row), row["label"]))
-            return entries, "kinetics"
+                video = nested if nested.exists() else root / _kinetics_name(row)
+                entries.append((video, row["label"], reader.line_num))
+            return entries
     raise ValueError(
         f"{path}: a CSV annotation file needs the columns path,label or label,youtube_id,time_start,time_end; "
         f"found {sorted(columns)}"
     )
 
 
-def _read_list(path: Path, root: Path) -> list[tuple[Path, str]]:
+def _read_list(path: Path, root: Path) -> list[Entry]:
     entries = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -210,8 +215,22 @@ def _read_list(path: Path, root: Path) -> list[tuple[Path, str]]:
             raise ValueError(
                 f"{path}:{lineno}: expected 'path label' (or 'frame_dir total_frames label'), got {line!r}"
             )
-        entries.append((root / fields[0], fields[-1]))
+        entries.append((root / fields[0], fields[-1], lineno))
     return entries
+
+
+def _label_names(path: Path, entries: list[Entry]) -> list[str]:
+    """Each entry's class name: numeric labels are indices, written in one canonical form (``07`` is ``7``). A list
+    of numbers with a few words among them is a typo (``1O`` for ``10``), not a list of names: string-sorting it
+    would renumber half the classes, and differently from the other splits."""
+    numeric = [label.isdigit() for _, label, _ in entries]
+    if any(numeric) and not all(numeric):
+        _, label, lineno = entries[numeric.index(False)]
+        raise ValueError(
+            f"{path}:{lineno}: label {label!r} is not a number, but the list's other labels are class indices; "
+            "fix the label (or name every class)"
+        )
+    return [str(int(label)) if is_number else label for (_, label, _), is_number in zip(entries, numeric, strict=True)]
 
 
 def read_annotations(
@@ -220,29 +239,32 @@ def read_annotations(
     """Parse an annotation list or CSV (see the module docstring); paths relative to ``root`` (default: the
     file's folder). Returns ``(records of existing videos, class names, missing paths)``.
 
-    ``classes`` fixes the name -> index map (pass the training set's to a validation list); without it the
-    names found are sorted, and numeric labels ``0..K-1`` are named by their number.
+    ``classes`` fixes the name -> index map (pass the training set's to every other split, so all splits of a run
+    share one mapping); without it the names found are sorted, and numeric labels ``0..K-1`` are named by their
+    number. A label outside the map is an error naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     root = Path(root) if root is not None else path.parent
-    entries = _read_csv(path, root)[0] if path.suffix.lower() == ".csv" else _read_list(path, root)
+    entries = _read_csv(path, root) if path.suffix.lower() == ".csv" else _read_list(path, root)
     if not entries:
         raise ValueError(f"{path}: no videos listed")
-    labels = [label for _, label in entries]
-    numeric = all(label.isdigit() for label in labels)
+    names = _label_names(path, entries)
     if classes is None:
-        classes = [str(i) for i in range(max(map(int, labels)) + 1)] if numeric else sorted(set(labels))
+        numeric = names[0].isdigit()
+        classes = [str(i) for i in range(max(map(int, names)) + 1)] if numeric else sorted(set(names))
     classes = list(classes)
     index = {name: i for i, name in enumerate(classes)}
     records, missing = [], []
-    for video, label in entries:
-        target = int(label) if numeric else index.get(label)
-        if target is None or not 0 <= target < len(classes):
-            raise ValueError(f"{path}: label {label!r} of {video} is not one of the {len(classes)} classes")
+    for (video, label, lineno), name in zip(entries, names, strict=True):
+        if name not in index:
+            raise ValueError(
+                f"{path}:{lineno}: label {label!r} of {video.name} is not one of the run's {len(classes)} classes "
+                f"({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})"
+            )
         if video.exists():
-            records.append(VideoRecord(video, target))
+            records.append(VideoRecord(video, index[name]))
         else:
             missing.append(video)
     return records, classes, missing
