@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -105,6 +106,64 @@ def test_o2_stores_scaled_low_precision_states_and_stays_close_to_adamw():
     assert float(values.abs().max() * weight.master_scale) > 65504 / 2  # the scale uses FP16's range
     error = (values - ref[0].detach()).abs()
     assert float(error.max()) <= 5e-4 and float(error.mean()) <= 1e-4
+
+
+def test_o2_master_scale_follows_amax_across_powers_of_two_over_200_steps():
+    """The FP16 master's per-tensor scale is a power of two set by the amax: whenever the weight's largest value
+    crosses a power of two, payload and scale change together. (A step that wrote the new payload but kept the
+    old scale would halve or double every value at each crossing.)
+
+    A 32x48 weight with |w0| in [0.2, 0.9] gets E4M3 gradients of one sign per element plus noise, pushing every
+    magnitude up for 70 steps, down for 90 and up again for 40 at lr 0.02 (~lr per step), so its amax climbs past
+    1 and 2, falls back past 2 and 1 and climbs past 1 again. Compared with:
+
+    * the same FP8AdamW with an FP32 master: Adam's moments depend on the gradients only, so both hold
+      bit-identical E4M3/FP16 moments and their weights differ by FP16 rounding alone: at most half an FP16 ulp,
+      2**-11 * amax, per stored master (T steps + the initial conversion), a strict bound;
+    * ``torch.optim.AdamW`` in FP32: the E4M3 first moment rounds each update by up to half an E4M3 ulp (2**-4)
+      and that rounding is carried into the next steps' moment, so each element may be off by one E4M3 ulp
+      (2**-3) of the distance it travelled, plus the master bound (measured: 0.08 of the distance at worst).
+    """
+    steps, lr, wd = 200, 0.02, 0.01
+    torch.manual_seed(0)
+    w0 = (torch.rand(32, 48) * 0.7 + 0.2) * torch.randn(32, 48).sign()
+    ours, twin, ref = fp8_param(32, 48), fp8_param(32, 48), nn.Parameter(w0.clone())
+    for p in (ours, twin):
+        p.data.copy_(w0)
+    opt = FP8AdamW([ours], lr=lr, weight_decay=wd)  # O2: FP16 master + scale, E4M3 m1, FP16 m2
+    twin_opt = FP8AdamW([twin], lr=lr, weight_decay=wd, master_dtype=torch.float32)
+    ref_opt = torch.optim.AdamW([ref], lr=lr, weight_decay=wd)
+    g = torch.Generator().manual_seed(1)
+    travelled, amaxes, scales = torch.zeros_like(w0), [float(w0.abs().max())], [float(ours.master_scale)]
+    for step in range(steps):
+        direction = -1.0 if step < 70 or step >= 160 else 1.0  # grad against the sign grows |w|
+        grad = direction * w0.sign() + 0.3 * torch.randn(w0.shape, generator=g)
+        ours.fp8_grad = twin.fp8_grad = quantize(grad, E4M3, 64.0)
+        ref.grad = ours.fp8_grad.dequantize()
+        before = ref.detach().clone()
+        for o in (opt, twin_opt, ref_opt):
+            o.step()
+        travelled += (ref.detach() - before).abs()
+        amaxes.append(float(ref.detach().abs().max()))
+        scales.append(float(ours.master_scale))
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[ours][key].view(torch.uint8), twin_opt.state[twin][key].view(torch.uint8))
+
+    # The test exercises what it is about: the reference amax crossed powers of two both ways, twice each.
+    octaves = [math.floor(math.log2(a)) for a in amaxes]
+    changes = [b - a for a, b in pairwise(octaves) if b != a]
+    assert changes.count(1) >= 2 and changes.count(-1) >= 2 and set(changes) == {1, -1}, changes
+
+    values = master_values(ours)
+    master_bound = (steps + 1) * 2**-11 * max(amaxes)
+    assert float((values - twin.detach()).abs().max()) <= master_bound
+    beyond_master = ((values - ref.detach()).abs() - master_bound).clamp(min=0)
+    assert float((beyond_master / travelled).max()) <= 2**-3
+
+    # ... and the master scale tracked the amax: one halving / doubling per crossing, always the current scale.
+    ratios = [b / a for a, b in pairwise(scales) if b != a]
+    assert ratios == [2.0**-c for c in changes]
+    assert float(ours.detach().float().abs().max()) > 65504 / 2
 
 
 def master_values(param: torch.Tensor) -> torch.Tensor:
