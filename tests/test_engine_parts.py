@@ -92,6 +92,22 @@ def test_constant_schedule_and_no_warmup():
     assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(4) == 0.0
 
 
+def test_linear_lr_scaling_follows_the_global_batch(tmp_path, capsys):
+    recipe = OptimConfig(lr=5e-4, warmup_lr=5e-7, min_lr=5e-6, lr_scaling="linear", base_batch=512)
+    s = build_schedule(recipe, steps_per_epoch=10, epochs=2, global_batch=1024)  # official Swin: 5e-4 x 1024 / 512
+    assert (s.lr, s.warmup_lr, s.min_lr) == pytest.approx((1e-3, 1e-6, 1e-5))
+    assert build_schedule(OptimConfig(lr=5e-4), steps_per_epoch=10, epochs=2, global_batch=1024).lr == 5e-4
+    with pytest.raises(ValueError, match=r"optim\.lr_scaling='sqrt'"):
+        build_schedule(OptimConfig(lr_scaling="sqrt"), steps_per_epoch=10, epochs=2)
+    # through the engine: batch 8 x accumulation 2 = 16 against a base of 64 -> a quarter, said at start
+    optim = OptimConfig(lr=0.2, warmup_epochs=0, schedule="constant", lr_scaling="linear", base_batch=64)
+    from _ddp_worker import run_tiny, tiny_config
+
+    _, result = run_tiny(tiny_config(tmp_path, epochs=1, optim=optim, accum_steps=2), batch_size=8)
+    assert result["lr"] == pytest.approx(0.05)
+    assert "scaled linearly by global batch 16 / 64: lr 0.2 -> 0.05" in capsys.readouterr().out
+
+
 def test_schedule_rejects_bad_values():
     with pytest.raises(ValueError, match="unknown LR schedule 'step'"):
         build_schedule(OptimConfig(schedule="step"), steps_per_epoch=2, epochs=2)

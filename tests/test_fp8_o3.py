@@ -15,7 +15,7 @@ from swinlab.metrics import relative_l2_error
 def test_o3_without_a_process_group_says_run_under_torchrun():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     optimizer = torch.optim.AdamW(model.parameters())
-    with pytest.raises(RuntimeError, match="run under torchrun"):
+    with pytest.raises(ValueError, match="run under torchrun"):
         initialize(model, optimizer, "O3")
     assert type(model[0]) is nn.Linear  # refused before touching the model
 

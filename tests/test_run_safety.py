@@ -162,3 +162,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(RunFolderError):
         main(["--debug", "train", str(CONFIGS / "swinv2_nano_fashion.yaml"), "--set", f"output_dir={__file__}"])
+
+
+def test_fp8_o3_in_one_process_says_to_use_torchrun(tmp_path, capsys):
+    assert _train(tmp_path, "precision=fp8-o3") == 2
+    assert "run under torchrun" in _one_line(capsys)

@@ -84,6 +84,16 @@ def test_info_reports_the_clip_shape(capsys):
     assert "input             2x3x4x16x16" in capsys.readouterr().out
 
 
+def test_info_on_video_swin_tiny_counts_on_the_meta_device(capsys):
+    """The full 32x224x224 view: FLOPs from shapes alone (a real forward took 22 s and 6 GB)."""
+    from swinlab.cli import main
+
+    assert main(["info", "video_swin_tiny", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "meta device" in out and "input             1x3x32x224x224" in out
+    assert "(87.764 GMAC)" in out  # the paper's 88 G for Swin-T on one 32x224x224 view
+
+
 @pytest.mark.parametrize("name", ["demo", "tiny_k400", "small_k400", "base_k400"])
 def test_video_recipes_parse(name):
     cfg = load_config(CONFIGS / f"video_swin_{name}.yaml")

@@ -64,6 +64,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from swinlab.config import to_dict
+    from swinlab.recipe import load_config, recipe_keys
+
+    cfg = load_config(args.recipe, args.set)
+    if args.keys is None:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    section = args.keys.rstrip(".")
+    keys = [k for k in recipe_keys(cfg.task.name) if not section or k.key == section or k.key.startswith(section + ".")]
+    if not keys:
+        print(f"no key or section {args.keys!r} (sections: model, data, task, optim, fp8; or a top-level key)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    width = max(len(k.key) for k in keys)
+    for k in keys:
+        print(f"{k.key:<{width}}  {k.type}, default {k.default!r}\n{'':<{width}}  {k.doc}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from swinlab import list_models
 
@@ -73,10 +95,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(names))
     return 0
-
-
-INFO_META_PARAMS = 10**9
-"""``swinlab info`` measures bigger models on the meta device (shapes only): GPT-175B would need 700 GB."""
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -89,12 +107,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     if args.img_size and "clip_size" in model_meta(args.model):  # video models take any clip: nothing to size
         kwargs = {}
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes only: GPT-175B or a 32-frame video clip cost nothing to measure
         model = create_model(args.model, **kwargs)
     params = sum(p.numel() for p in model.parameters())
-    on_meta = params > INFO_META_PARAMS
-    if not on_meta:
-        model = create_model(args.model, **kwargs)
     if hasattr(model, "vocab_size") and hasattr(model, "block_size"):  # a language model: one full context
         cost = measure(model, (args.batch, model.block_size), dtype=torch.int64)
     elif hasattr(model, "clip_size"):  # a video model: clips (B, C, T, H, W), its specified view unless asked
@@ -106,7 +121,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         size = args.img_size or getattr(model, "img_size", 224)
         size = size[0] if isinstance(size, (tuple, list)) else size
         cost = measure(model, (args.batch, getattr(model, "in_chans", 3), size, size))
-    print(f"model             {args.model}{' (measured on the meta device: nothing allocated)' if on_meta else ''}")
+    print(f"model             {args.model} (measured on the meta device: shapes only, nothing allocated; fused "
+          "attention kernels may save less on a real device)")  # fmt: skip
     print(cost.format())
     # FP8-LM's accounting of persistent training state: mixed-precision Adam keeps 16 B/param (FP32 master,
     # gradient, two moments), its O2 level 6 B/param (FP16 master 2, FP8 gradient 1, FP8 m1 1, FP16 m2 2).
@@ -158,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path to a YAML recipe (see configs/)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override, e.g. optim.lr=3e-4 or precision=fp8-o2 (fp32|bf16|fp8-o1|fp8-o2|fp8-o3)",
+        help="override, e.g. optim.lr=3e-4 or precision=fp8-o2 (fp32|bf16|fp8-o1|fp8-o2|fp8-o3; fp8-o3 shards over "
+        "ranks: run it under torchrun); `swinlab config --keys` lists every key",
     )
     p.set_defaults(func=_cmd_train)
 
@@ -166,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or checkpoint file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. data.root=...")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "config",
+        help="print a recipe as it resolves, or list the keys --set takes",
+        description="Without --keys: the resolved recipe (defaults, base: files and --set overrides applied) as YAML. "
+        "With --keys [SECTION]: every key with its type, default and meaning, for the recipe's task "
+        "(e.g. swinlab config --keys optim; swinlab config --keys task --set task=language_model).",
+    )
+    p.add_argument("recipe", nargs="?", default=None, help="a YAML recipe (default: swinlab's defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, as for train")
+    p.add_argument("--keys", nargs="?", const="", default=None, metavar="SECTION",
+                   help="list the keys (of one section: model, data, task, optim, fp8)")  # fmt: skip
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("models", help="list registered models")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'swinv2_tiny*'")

@@ -7,10 +7,14 @@ task's own) is :class:`swinlab.recipe.TrainConfig`.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
 import difflib
+import inspect
+import itertools
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +66,7 @@ class ModelConfig:
     pretrained: str | None = None
     """Path to an official or swinlab checkpoint loaded before training."""
     grad_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, ~30 % more compute."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor overrides, e.g. ``{drop_path_rate: 0.2, window_size: 16}``."""
 
@@ -76,21 +81,29 @@ class DataConfig:
     modelling): ``stdlib_docs`` (the Python standard library's docstrings, in every install), ``text`` (a
     ``.txt`` file or a folder of them in ``root``)."""
     root: str | None = None
+    """Folder (or file) the dataset is read from; not needed for embedded or generated data."""
     img_size: Count = 32
+    """Side of the square images the model sees (video: the crop size)."""
     in_chans: Count | None = None
     """``None``: keep the dataset's channels (1 for Fashion-MNIST, 3 for RGB sets)."""
     batch_size: Count = 64
     """Per-process batch size; the global batch is ``batch_size * world_size * accum_steps``."""
     eval_batch_size: Count | None = None
+    """Per-process batch size of evaluation; ``None``: ``batch_size``."""
     num_workers: NonNegativeInt = 0
+    """DataLoader worker processes (0: load in the training process)."""
     augment: str = "standard"
     """``standard`` (random resized crop + flip, as the Swin recipes), ``light`` (pad-crop + flip), ``none``."""
     hflip: bool = True
+    """Random horizontal flips in training (off for data where left and right differ)."""
     mean: tuple[float, ...] | None = None
+    """Per-channel normalisation mean; ``None``: the dataset's own."""
     std: tuple[Positive, ...] | None = None
+    """Per-channel normalisation standard deviation; ``None``: the dataset's own."""
     train_limit: Count | None = None
     """Use only the first N training samples (quick experiments); text data: at most N windows per epoch."""
     val_limit: Count | None = None
+    """Use only the first N validation samples (text: windows)."""
     heldout_fraction: Fraction = 0.0
     """Hold out this last fraction of the training set as a second training loader, ``heldout``, for tasks that
     learn something on data the weights do not see (DARTS's architecture step: 0.5, as the official search)."""
@@ -98,6 +111,7 @@ class DataConfig:
     train_list: str | None = None
     """``video``: the training annotation list or CSV (``path label`` lines), relative to ``root``."""
     val_list: str | None = None
+    """``video``: the validation annotation list or CSV, relative to ``root``."""
     clip_len: Count = 32
     """Frames per clip (the Video Swin K400 recipe: 32)."""
     frame_interval: Count = 2
@@ -118,16 +132,29 @@ class OptimConfig:
     name: str = "adamw"
     """``adamw`` or ``sgd``."""
     lr: Positive = 1e-3
-    """Peak learning rate for the global batch (no implicit linear scaling)."""
+    """Peak learning rate: for the run's global batch, or for ``base_batch`` under ``lr_scaling: linear``."""
     weight_decay: NonNegative = 0.05
+    """Decoupled (AdamW) or L2 (SGD) decay; norms, biases and position tables are exempt."""
     betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    """AdamW's moment decay rates."""
     eps: Positive = 1e-8
+    """AdamW's denominator term."""
     momentum: Fraction = 0.9
+    """SGD's (Nesterov) momentum."""
     warmup_lr: NonNegative = 1e-6
+    """Learning rate at the first step, rising linearly to ``lr`` over the warm-up."""
     min_lr: NonNegative = 1e-5
+    """Learning rate at the end of the cosine decay."""
     warmup_epochs: NonNegative = 1.0
+    """Length of the linear warm-up, in epochs (fractions allowed)."""
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Learning-rate factors by parameter-name substring, e.g. ``{log_sigma: 10}`` for GMConv's sigmas."""
+    lr_scaling: str = "none"
+    """``none``: ``lr``, ``warmup_lr`` and ``min_lr`` are used as written; ``linear``: they are given for a global
+    batch of ``base_batch`` and multiplied by global batch / ``base_batch`` at start (the official Swin recipes:
+    base LR x total batch / 512), so a recipe keeps its meaning on any number of GPUs."""
+    base_batch: Count = 512
+    """The global batch the rates are given for under ``lr_scaling: linear``."""
     schedule: str = "cosine"
     """``cosine`` (per-iteration, after a linear warm-up) or ``constant``."""
 
@@ -299,6 +326,65 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One settable key of a recipe, for ``swinlab config --keys``."""
+
+    key: str
+    type: str
+    default: Any
+    doc: str
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstrings written under the fields of ``cls`` and its bases (Python keeps none of them at run time,
+    so they are read from the source: the one place each key is explained)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source at hand (e.g. a frozen install): keys without explanations
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for field_node, doc_node in itertools.pairwise(body):
+            if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
+                    and isinstance(doc_node, ast.Expr) and isinstance(doc_node.value, ast.Constant)
+                    and isinstance(doc_node.value.value, str)):  # fmt: skip
+                docs[field_node.target.id] = " ".join(doc_node.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *constraints = typing.get_args(tp)
+        ranges = [str(c) for c in constraints if isinstance(c, Range)]
+        return f"{_type_name(inner)} {' '.join(ranges)}".strip()
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def section_keys(cls: type, prefix: str = "") -> list[KeyInfo]:
+    """Every key of the config section ``cls``, nested sections flattened as ``section.key``."""
+    docs, keys = _field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += section_keys(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        keys.append(KeyInfo(prefix + f.name, _type_name(tp), default, docs.get(f.name, "")))
+    return keys
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from swinlab.config import (
     Count,
     DataConfig,
     FP8Config,
+    KeyInfo,
     ModelConfig,
     OptimConfig,
     Positive,
@@ -25,6 +26,7 @@ from swinlab.config import (
     apply_overrides,
     build_section,
     read_yaml,
+    section_keys,
 )
 from swinlab.tasks.registry import config_class
 
@@ -55,28 +57,37 @@ class TrainConfig:
     ``mixup`` for classification)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: Count = 10
+    """Epochs to train in all (a resumed run continues up to this many)."""
     clip_grad: Positive | None = 5.0
+    """Clip the global gradient norm to this value; ``null``: no clipping."""
     accum_steps: Count = 1
+    """Micro-batches whose gradients add up to one update (a larger batch in the same memory)."""
     precision: str = "fp32"
     """``fp32``, ``bf16`` (autocast), or FP8-LM's ``fp8-o1`` / ``fp8-o2`` / ``fp8-o3`` (``swinlab.fp8.initialize``)."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """Used by the ``fp8-*`` precisions only, e.g. ``--set fp8.grad_format=e4m3``."""
     seed: int = 0
+    """Seeds the initial weights, the data order and augmentation, and every epoch's random state."""
     deterministic: bool = False
+    """Deterministic kernels only (``torch.use_deterministic_algorithms``): slower, repeatable on GPUs."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else CPU."""
     output_dir: str = "runs/default"
+    """The run folder: config.yaml, metrics.csv, curves.png, checkpoint.pt, best.pt."""
     resume: bool | str = True
     """``true``: continue from ``output_dir/checkpoint.pt`` when it exists and was trained with this recipe
     (run-control keys such as ``epochs`` may differ); ``force``: continue it whatever changed (the new values apply
     from here on); ``false``: start over, replacing the folder's checkpoints."""
     eval_every: Count = 1
+    """Evaluate every N epochs (and always after the last)."""
     tensorboard: bool = False
+    """Write TensorBoard event files into ``output_dir/tb`` (needs the ``tensorboard`` extra)."""
     compile: bool = False
     """``torch.compile`` the model. Measure before using it for CPU training: compiled graphs run torch's default GEMM
     (MKL on x86) instead of swinlab's oneDNN linears, and inductor's fresh buffers cost page faults
     (``benchmarks/RESULTS.md``)."""
     log_every: Count = 10
+    """Log the training step's values (progress bar, TensorBoard) every N updates."""
     max_steps_per_epoch: Count | None = None
     """Cut each epoch short (smoke tests)."""
     threads: Count | None = None
@@ -99,6 +110,18 @@ MOVED_KEYS = {
     key: f"task.{key}" for key in ("label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")
 }
 """Keys that left the top level for their task's section (an old recipe is told where they went)."""
+
+
+def recipe_keys(task: str = TaskConfig.name) -> list[KeyInfo]:
+    """Every key a recipe for ``task`` may set (``swinlab config --keys``): the run's sections and that task's."""
+    task_keys = section_keys(config_class(task), "task.")
+    keys = []
+    for info in section_keys(TrainConfig):
+        if info.key == "task.name":
+            keys += task_keys
+        elif not info.key.startswith("task."):
+            keys.append(info)
+    return keys
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:

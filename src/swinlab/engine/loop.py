@@ -38,7 +38,7 @@ from swinlab.engine.runfolder import (
     require_folder,
 )
 from swinlab.engine.runlog import RunLog
-from swinlab.engine.schedule import build_schedule
+from swinlab.engine.schedule import build_schedule, lr_factor
 from swinlab.engine.step import CycledLoader, OptimizerSlot, Stepper
 from swinlab.recipe import TrainConfig
 from swinlab.tasks.base import Logs, Task, batch_len, model_device
@@ -186,12 +186,20 @@ class _Fit:
             self.micro_batches = min(self.micro_batches, cfg.max_steps_per_epoch * cfg.accum_steps)
         steps_per_epoch = math.ceil(self.micro_batches / cfg.accum_steps)
         named = _named_optimizers(task, self.plain, optimizers, cfg.optim)
+        per_rank = getattr(train_loader, "batch_size", None) or cfg.data.batch_size
+        global_batch = per_rank * env.world_size * cfg.accum_steps
+        for name, (_, config) in named.items():
+            if (factor := lr_factor(config, global_batch)) != 1.0:
+                self._say(f"learning rates of {name!r} scaled linearly by global batch {global_batch} / "
+                          f"{config.base_batch}: lr {config.lr:g} -> {config.lr * factor:g}")  # fmt: skip
         owners = {id(p): name for name, (opt, _) in named.items() for g in opt.param_groups for p in g["params"]}
         self.slots = {
             name: OptimizerSlot(
                 name=name,
                 optimizer=opt,
-                schedule=build_schedule(config, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs),
+                schedule=build_schedule(
+                    config, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, global_batch=global_batch
+                ),
                 others=[p for p in self.plain.parameters() if p.requires_grad and owners.get(id(p), name) != name],
                 finite=torch.ones((), dtype=torch.bool, device=device),
             )

@@ -46,16 +46,29 @@ class LRSchedule:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_schedule(cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> LRSchedule:
-    """The schedule of ``cfg`` for a run of ``epochs`` epochs of ``steps_per_epoch`` optimizer updates."""
+LR_SCALINGS = ("none", "linear")
+
+
+def lr_factor(cfg: OptimConfig, global_batch: int) -> float:
+    """What ``cfg``'s learning rates are multiplied by for a run whose updates average ``global_batch`` samples:
+    1 for ``lr_scaling: none``, ``global_batch / base_batch`` for ``linear`` (the official Swin recipes' rule)."""
+    if cfg.lr_scaling not in LR_SCALINGS:
+        raise ValueError(f"optim.lr_scaling={cfg.lr_scaling!r}: choose one of {', '.join(LR_SCALINGS)}")
+    return global_batch / cfg.base_batch if cfg.lr_scaling == "linear" else 1.0
+
+
+def build_schedule(cfg: OptimConfig, *, steps_per_epoch: int, epochs: int, global_batch: int = 1) -> LRSchedule:
+    """The schedule of ``cfg`` for a run of ``epochs`` epochs of ``steps_per_epoch`` optimizer updates of
+    ``global_batch`` samples each (which scales the rates under ``lr_scaling: linear``)."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch} (is the training set empty?)")
     total = steps_per_epoch * epochs
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    factor = lr_factor(cfg, global_batch)
     return LRSchedule(
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        warmup_lr=cfg.warmup_lr,
+        lr=cfg.lr * factor,
+        min_lr=cfg.min_lr * factor,
+        warmup_lr=cfg.warmup_lr * factor,
         warmup_steps=warmup,
         total_steps=total,
         kind=cfg.schedule,

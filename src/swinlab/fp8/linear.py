@@ -39,7 +39,7 @@ def require_fp8_gemm(device: torch.device | str) -> None:
         return
     capability = torch.cuda.get_device_capability(device)
     if tuple(capability) < MIN_CUDA_CAPABILITY:
-        raise RuntimeError(
+        raise ValueError(
             f"FP8 GEMMs need a GPU of compute capability {'.'.join(map(str, MIN_CUDA_CAPABILITY))} or newer "
             f"(Ada, Hopper, Blackwell); {torch.cuda.get_device_name(device)} ({device}) is "
             f"{capability[0]}.{capability[1]}: train it with precision bf16 instead"

@@ -54,7 +54,7 @@ META_NAMES = ("input_meta", "weight_meta", "grad_output_meta", "grad_weight_meta
 def require_process_group(group: dist.ProcessGroup | None = None) -> int:
     """World size of ``group``; a clear error when there is no process group to shard over."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
+        raise ValueError(
             "FP8 O3 shards weights and optimizer states across ranks, but torch.distributed is not initialised: "
             "run under torchrun (e.g. `torchrun --nproc_per_node 2 -m swinlab train ... --set precision=fp8-o3`); "
             "in a single process use O2"

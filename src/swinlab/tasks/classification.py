@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class ClassificationConfig(TaskConfig):
     name: str = "classification"
     label_smoothing: Fraction = 0.1
+    """Share of the target spread over all classes (with Mixup/CutMix, applied to the mixed targets)."""
     mixup: NonNegative = 0.0
     """Mixup alpha (0 disables)."""
     cutmix: NonNegative = 0.0
