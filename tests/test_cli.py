@@ -56,3 +56,20 @@ def test_train_then_eval_a_tiny_run(tmp_path, capsys):
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
     assert trained in out and f"checkpoint       {run / 'checkpoint.pt'} (epoch 1)" in out
+
+
+def test_config_lists_every_key_with_type_default_and_meaning(capsys):
+    from swinlab.recipe import recipe_keys
+
+    for task in ("classification", "language_model", "video_classification"):
+        assert all(k.doc for k in recipe_keys(task)), [k.key for k in recipe_keys(task) if not k.doc]
+    assert main(["config", "--keys", "optim"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr             float > 0, default 0.001" in out and "Peak learning rate" in out
+    assert "data." not in out
+    assert main(["config", "--keys", "task", "--set", "task=language_model"]) == 0
+    assert capsys.readouterr().out.split()[:4] == ["task.name", "str,", "default", "'language_model'"]
+    assert main(["config", str(CONFIGS / "gpt_nano_stdlib.yaml"), "--set", "epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "name: language_model" in out
+    assert main(["config", "--keys", "nonsense"]) == 1
