@@ -114,7 +114,10 @@ MOVED_KEYS = {
 
 def recipe_keys(task: str = TaskConfig.name) -> list[KeyInfo]:
     """Every key a recipe for ``task`` may set (``swinlab config --keys``): the run's sections and that task's."""
-    task_keys = section_keys(config_class(task), "task.")
+    task_keys = [
+        dataclasses.replace(info, default=task) if info.key == "task.name" else info
+        for info in section_keys(config_class(task), "task.")
+    ]
     keys = []
     for info in section_keys(TrainConfig):
         if info.key == "task.name":
