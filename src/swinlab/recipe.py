@@ -7,6 +7,7 @@ sits just below the engine, looks a task up by name.
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
