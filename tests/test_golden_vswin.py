@@ -1,6 +1,6 @@
 """Parity with the official Video Swin backbone (fixture recorded from SwinTransformer/Video-Swin-Transformer,
-see shared/golden/README.md). No padding happens in this case, so our masking of padded tokens is not involved;
-the official float32 run is ~2e-6 from float64."""
+see shared/golden/README.md). No padding happens in this case (padding against the official semantics:
+``test_video_swin.py::test_padding_follows_the_official_block``); the official float32 run is ~2e-6 from float64."""
 
 import pytest
 import torch

@@ -100,6 +100,17 @@ def test_padding_tokens_are_masked():
     assert (mask[0] == 0).all()
 
 
+def test_unmasked_padding_is_the_official_mask_of_the_padded_grid():
+    """``pad_mask=False`` (official Video Swin): no mask at all without a shift; with one, the shift mask of the
+    padded size, padding tokens being ordinary keys."""
+    assert window_mask(window_geometry((5, 4), (4, 4), (0, 0), pad_mask=False), CPU) is None
+    geom = window_geometry((3, 5, 6), (2, 4, 4), (1, 2, 2), per_axis=True, pad_mask=False)
+    assert geom.padded == (4, 8, 8) and not geom.pad_mask
+    expected = window_mask(window_geometry((4, 8, 8), (2, 4, 4), (1, 2, 2), per_axis=True), CPU)
+    assert torch.equal(window_mask(geom, CPU), expected)
+    assert not torch.equal(window_mask(window_geometry((3, 5, 6), (2, 4, 4), (1, 2, 2), per_axis=True), CPU), expected)
+
+
 def test_padded_keys_do_not_influence_real_tokens():
     attn = WindowAttentionV2(8, 2).eval()
     geom = window_geometry((4, 5), (4, 4), (0, 0))

@@ -1,10 +1,13 @@
-"""Video Swin on tiny configs: shapes, padding and window clamping, freezing, the classifier's toolkit interface,
-registered variants, official checkpoint loading and 2D -> 3D inflation (including the static-clip property)."""
+"""Video Swin on tiny configs: shapes, padding and window clamping, padding against a reference of the official
+block (and the ``pad_mask`` option), freezing, the classifier's toolkit interface, registered variants, official
+checkpoint loading and 2D -> 3D inflation (including the static-clip property)."""
 
+import itertools
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from swinlab import create_model, list_models
@@ -200,19 +203,20 @@ def _official_2d_state(model: SwinV1Image) -> dict:
     return {"model": state}
 
 
-@pytest.mark.parametrize("frames", [8, 6, 2])
+@pytest.mark.parametrize("frames, pad_mask", [(8, False), (6, True), (2, False)])
 @torch.no_grad()
-def test_static_clip_reproduces_2d_features(frames):
+def test_static_clip_reproduces_2d_features(frames, pad_mask):
     """A clip of one repeated frame through the inflated model gives the 2D map at every time step.
 
     Exact (up to round-off) for any temporal window, shift or padding here: every temporal copy of a key has the
     same value and (tiled table) the same bias, and the shift mask is a product of per-axis region tests, so a
     query sees k >= 1 identical copies of exactly the 2D key set; k cancels in the softmax. ``frames=8``: two
-    temporal windows, shifted in odd blocks; ``6``: 3 time tokens padded to 4 (masked here; the official code
-    would let the zero-padded keys in and break the equality); ``2``: one time token, window clamped to 1.
+    temporal windows, shifted in odd blocks; ``6``: 3 time tokens padded to 4, which needs ``pad_mask=True`` (the
+    official semantics let the zero-padded keys in and break the equality, checked below); ``2``: one time token,
+    window clamped to 1.
     """
     model2d = _randomised_2d()
-    model3d = backbone().eval()
+    model3d = backbone(pad_mask=pad_mask).eval()
     report = inflate_from_2d(model3d, _official_2d_state(model2d))
     assert not report.missing
     assert report.inflated[0] == "patch_embed.proj.weight" and len(report.inflated) == 5  # kernel + 4 tables
@@ -224,9 +228,14 @@ def test_static_clip_reproduces_2d_features(frames):
     }
     image = torch.randn(2, 3, 32, 32)
     expected = model2d(image)
-    out = model3d(image[:, :, None].expand(-1, -1, frames, -1, -1))
+    clip = image[:, :, None].expand(-1, -1, frames, -1, -1)
+    out = model3d(clip)
     assert out.shape[2] == -(-frames // 2)
     torch.testing.assert_close(out, expected[:, :, None].expand_as(out), atol=1e-5, rtol=1e-5)
+    if pad_mask:
+        official = backbone().eval()
+        official.load_state_dict(model3d.state_dict())
+        assert not torch.allclose(official(clip), expected[:, :, None].expand_as(out), atol=1e-3)
 
 
 def test_inflation_formulas():
@@ -370,3 +379,168 @@ def test_v1_block_in_place_residuals_give_the_reference_gradients():
     torch.testing.assert_close(out, ref)
     for a, b in zip(got, [x.grad] + [p.grad for p in block.parameters()], strict=True):
         torch.testing.assert_close(a, b)
+
+
+# -- padding inside blocks: the official semantics (default) against a reference, and the pad_mask option --
+
+
+def _ln(x: torch.Tensor, p: dict, name: str) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], p[f"{name}.weight"], p[f"{name}.bias"])
+
+
+def official_block(x: torch.Tensor, p: dict, window: tuple, shift: tuple, heads: int) -> torch.Tensor:
+    """One official ``SwinTransformerBlock3D`` on ``(B, D, H, W, C)``, restated from its semantics (parameters
+    ``p`` under the official names, without the block prefix), independent of swinlab's window code:
+
+    per axis, a grid side not larger than the window uses window = side and no shift; ``norm1``; zero-pad at the
+    end to window multiples (after the norm, so padded tokens are zero vectors); roll by ``-shift``; each token
+    attends to the tokens of its window, padded ones included, with -100 added between two tokens of which exactly
+    one wrapped around in the roll on some axis (the official ``compute_mask`` on the padded size, which never
+    singles out padding); roll back, crop, residual; ``norm2``, MLP, residual. The bias reads the table at the
+    official ``relative_position_index[:N, :N]`` of the configured window: a token's number in the effective
+    window taken as a position in the configured one (the true offsets unless H or W shrank).
+    """
+    batch, *grid, dim = x.shape
+    win = [g if g <= w else w for g, w in zip(grid, window, strict=True)]
+    sft = [0 if g <= w else s for g, w, s in zip(grid, window, shift, strict=True)]
+    h = _ln(x, p, "norm1")
+    h = F.pad(h, (0, 0, 0, -grid[2] % win[2], 0, -grid[1] % win[1], 0, -grid[0] % win[0]))
+    padded = h.shape[1:4]
+    h = torch.roll(h, [-s for s in sft], dims=(1, 2, 3))
+    # every position of the rolled, padded grid in raster order; then the positions of each window, in raster order
+    pos = torch.cartesian_prod(*(torch.arange(n) for n in padded))
+    tile = pos // torch.tensor(win)
+    n = win[0] * win[1] * win[2]
+    groups = torch.argsort((tile[:, 0] * padded[1] + tile[:, 1]) * padded[2] + tile[:, 2], stable=True).view(-1, n)
+    wrapped = (pos + torch.tensor(sft) >= torch.tensor(padded))[groups]  # (nW, n, 3)
+    mask = (wrapped[:, :, None] != wrapped[:, None]).any(-1) * -100.0
+    conf = torch.stack(torch.unravel_index(torch.arange(n), tuple(window)), -1)
+    offset = conf[:, None] - conf[None] + torch.tensor(window) - 1
+    index = (offset[..., 0] * (2 * window[1] - 1) + offset[..., 1]) * (2 * window[2] - 1) + offset[..., 2]
+    bias = p["attn.relative_position_bias_table"][index].permute(2, 0, 1)  # (heads, n, n)
+    tokens = h.reshape(batch, -1, dim)[:, groups]  # (B, nW, n, C)
+    qkv = F.linear(tokens, p["attn.qkv.weight"], p["attn.qkv.bias"])
+    q, k, v = qkv.view(*tokens.shape[:3], 3, heads, -1).permute(3, 0, 1, 4, 2, 5)  # each (B, nW, heads, n, d)
+    logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias + mask[:, None]
+    out = F.linear((logits.softmax(-1) @ v).transpose(2, 3).reshape(tokens.shape), *_linear(p, "attn.proj"))
+    merged = torch.empty(batch, groups.numel(), dim, dtype=out.dtype)
+    merged[:, groups.flatten()] = out.flatten(1, 2)
+    merged = torch.roll(merged.view(batch, *padded, dim), sft, dims=(1, 2, 3))
+    x = x + merged[:, : grid[0], : grid[1], : grid[2]]
+    return x + F.linear(F.gelu(F.linear(_ln(x, p, "norm2"), *_linear(p, "mlp.fc1"))), *_linear(p, "mlp.fc2"))
+
+
+def _linear(p: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return p[f"{name}.weight"], p[f"{name}.bias"]
+
+
+def official_forward(model: SwinTransformer3D, clip: torch.Tensor) -> torch.Tensor:
+    """The official ``SwinTransformer3D.forward`` in float64 with ``model``'s weights (official key names):
+    clip zero-padded at the end to patch multiples, Conv3d, LayerNorm; stages of :func:`official_block`
+    (shift = window // 2 in odd blocks), patch merging (odd H, W zero-padded; 2x2 neighbours concatenated in the
+    order (0,0), (1,0), (0,1), (1,1); norm; reduction); final norm."""
+    p = {k: v.double() for k, v in model.state_dict().items()}
+    pt, ph, pw = model.patch_size
+    x = F.pad(clip.double(), (0, -clip.shape[4] % pw, 0, -clip.shape[3] % ph, 0, -clip.shape[2] % pt))
+    x = _ln(F.conv3d(x, *_linear(p, "patch_embed.proj"), stride=model.patch_size).movedim(1, -1), p, "patch_embed.norm")
+    for i, layer in enumerate(model.layers):
+        for j, block in enumerate(layer.blocks):
+            shift = tuple(w // 2 for w in model.window_size) if j % 2 else (0, 0, 0)
+            prefix = f"layers.{i}.blocks.{j}."
+            params = {k[len(prefix) :]: v for k, v in p.items() if k.startswith(prefix)}
+            x = official_block(x, params, model.window_size, shift, block.attn.num_heads)
+        if layer.downsample is not None:
+            x = F.pad(x, (0, 0, 0, x.shape[3] % 2, 0, x.shape[2] % 2))
+            x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
+            x = F.linear(_ln(x, p, f"layers.{i}.downsample.norm"), p[f"layers.{i}.downsample.reduction.weight"])
+    return _ln(x, p, "norm").movedim(-1, 1)
+
+
+def _official_like(model: nn.Module) -> nn.Module:
+    """Parameters made non-trivial as in the golden fixtures (shared/golden/README.md): LayerNorm weight 1 + 0.2 N
+    and bias 0.1 N, other weights + N / sqrt(fan_in), biases 0.1 N, bias tables + 0.5 N."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+            elif "bias_table" in name:
+                p.add_(0.5 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.add_(torch.randn_like(p) / p[0].numel() ** 0.5)
+    return model.eval()
+
+
+def test_reference_reproduces_the_golden_fixture(golden_dir):
+    """The reference below is itself checked against the recorded official output (a case without padding)."""
+    golden = torch.load(golden_dir / "vswin_basic.pt", map_location="cpu", weights_only=True)
+    model = SwinTransformer3D(**{k: tuple(v) if isinstance(v, list) else v for k, v in golden["config"].items()})
+    load_official_video(model, golden["state_dict"], strict=True)
+    torch.testing.assert_close(official_forward(model, golden["input"]).float(), golden["output"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "clip, grids",
+    [
+        # token grids (3, 9, 10) -> padded (4, 12, 12), then (3, 5, 5) -> (4, 8, 8): every stage pads T, H and W
+        # and its second block shifts by (1, 2, 2)
+        ((5, 35, 39), [(3, 9, 10), (3, 5, 5)]),
+        # one time token: T clamps to window 1 (no temporal shift) while H and W are padded and shifted
+        ((2, 27, 25), [(1, 7, 7), (1, 4, 4)]),
+    ],
+)
+def test_padding_follows_the_official_block(clip, grids):
+    """Default semantics on inputs padded in T, H and W at once (batch 2, shifted windows): the model equals the
+    float64 reference of the official block within float32 round-off (measured ~3e-6; masking the padded tokens
+    instead moves the output by ~1-3)."""
+    model = _official_like(backbone())
+    x = torch.randn(2, 3, *clip)
+    with torch.no_grad():
+        stages = model.forward_features(x, return_stages=True)
+        out = model(x)
+    assert [tuple(s.shape[2:]) for s in stages] == grids
+    expected = official_forward(model, x)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+    masked = backbone(pad_mask=True).eval()
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (masked(x).double() - expected).abs().max() > 0.1
+
+
+def test_pad_mask_leaves_unpadded_inputs_alone_and_is_a_builder_option():
+    model = _official_like(backbone())
+    masked = backbone(pad_mask=True).eval()
+    masked.load_state_dict(model.state_dict())
+    assert not model.pad_mask and masked.pad_mask
+    assert {b.pad_mask for layer in masked.layers for b in layer.blocks} == {True}
+    x = torch.randn(2, 3, 8, 32, 32)  # grids (4, 8, 8), (4, 4, 4): multiples of the window (2, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(masked(x), model(x))
+        padded = torch.randn(2, 3, 5, 35, 39)
+        assert not torch.allclose(masked(padded), model(padded), atol=1e-2)
+    created = create_model("video_swin_nano", pad_mask=True)
+    assert created.backbone.pad_mask and created.backbone.layers[0].blocks[1].geometry((3, 5, 5)).pad_mask
+    v2 = backbone(swin_version=2, pad_mask=True)
+    assert {b.pad_mask for layer in v2.layers for b in layer.blocks} == {True}
+
+
+@pytest.mark.parametrize("pad_mask", [True, False])
+@torch.no_grad()
+def test_pad_mask_makes_windows_independent_of_padding(pad_mask):
+    """With ``pad_mask=True`` the unshifted block on a grid that needs padding equals the block run on each
+    window-aligned piece of the grid alone (a piece smaller than the window clamps it, so nothing is padded
+    there): the padding changes nothing. The official semantics (default) let the zero-padded keys in, so every
+    piece that had padding in its window differs; the one full window agrees either way."""
+    block = _official_like(backbone(pad_mask=pad_mask)).layers[0].blocks[0]
+    x = torch.randn(2, 3, 6, 7, 8)  # window (2, 4, 4): padded to (4, 8, 8)
+    out = block(x)
+    axes = [(slice(0, 2), slice(2, 3)), (slice(0, 4), slice(4, 6)), (slice(0, 4), slice(4, 7))]
+    for piece in itertools.product(*axes):
+        index = (slice(None), *piece, slice(None))
+        alone = block(x[index])
+        if pad_mask or piece == (slice(0, 2), slice(0, 4), slice(0, 4)):
+            torch.testing.assert_close(out[index], alone, msg=f"piece {piece}")
+        else:
+            assert not torch.allclose(out[index], alone, atol=1e-3), f"piece {piece}"

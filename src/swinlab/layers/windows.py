@@ -98,11 +98,12 @@ def clamp_window(grid: Size, window: Size, shift: Size, *, per_axis: bool) -> tu
 @dataclass(frozen=True)
 class WindowGeometry:
     """Where a block's windows fall on a grid: padded at the end of each axis to a window multiple, then
-    rolled."""
+    rolled. ``pad_mask``: whether :func:`window_mask` keeps real tokens from attending to the padding."""
 
     grid: Size
     window: Size
     shift: Size
+    pad_mask: bool = True
 
     @property
     def padded(self) -> Size:
@@ -114,17 +115,19 @@ class WindowGeometry:
 
     @property
     def needs_mask(self) -> bool:
-        return self.needs_padding or any(self.shift)
+        return (self.pad_mask and self.needs_padding) or any(self.shift)
 
     @property
     def num_windows(self) -> int:
         return math.prod(p // w for p, w in zip(self.padded, self.window, strict=True))
 
 
-def window_geometry(grid: Size, window: Size, shift: Size, *, per_axis: bool = False) -> WindowGeometry:
+def window_geometry(
+    grid: Size, window: Size, shift: Size, *, per_axis: bool = False, pad_mask: bool = True
+) -> WindowGeometry:
     """The geometry a block with this configured window/shift uses on ``grid`` (after :func:`clamp_window`)."""
     window, shift = clamp_window(tuple(grid), tuple(window), tuple(shift), per_axis=per_axis)
-    return WindowGeometry(tuple(grid), window, shift)
+    return WindowGeometry(tuple(grid), window, shift, pad_mask)
 
 
 def _rolled_grid_map(geom: WindowGeometry, values: torch.Tensor) -> torch.Tensor:
@@ -157,10 +160,11 @@ def window_mask(geom: WindowGeometry, device: torch.device) -> torch.Tensor | No
     """Additive mask ``(num_windows, N, N)`` (0 or :data:`MASK_VALUE`), or ``None`` when nothing needs
     masking.
 
-    Region ids follow the official construction (three slices per shifted axis, the mask keeps a query and a
-    key only if their ids agree), so without padding the result equals the official ``attn_mask`` buffer.
-    Padding tokens get a region of their own, so real tokens never attend to them and results do not depend on
-    padding.
+    Region ids follow the official construction (three slices per shifted axis of the padded grid, the mask
+    keeps a query and a key only if their ids agree), so without padding the result equals the official
+    ``attn_mask`` buffer. With ``geom.pad_mask`` padding tokens get a region of their own, so real tokens never
+    attend to them and results do not depend on padding; without it the padding tokens are ordinary keys, as in
+    the official Video Swin (``compute_mask`` on the padded size).
     """
     if not geom.needs_mask:
         return None
@@ -170,11 +174,13 @@ def window_mask(geom: WindowGeometry, device: torch.device) -> torch.Tensor | No
         # slices [0, size - win), [size - win, size - sft), [size - sft, size) -> ids 0, 1, 2
         region = (pos >= size - win).long() + (pos >= size - sft).long() if sft else torch.zeros_like(pos)
         ids = ids * 3 + region.view([-1 if a == axis else 1 for a in range(len(geom.padded))])
-    # Padding is marked in the un-rolled frame; rolling the id map below moves it with the features.
-    pad = torch.zeros(geom.padded, dtype=torch.bool)
-    for axis, g in enumerate(geom.grid):
-        pad.narrow(axis, g, geom.padded[axis] - g).fill_(True)
-    ids = torch.roll(ids, list(geom.shift), dims=tuple(range(len(geom.shift)))).masked_fill(pad, -1)
+    ids = torch.roll(ids, list(geom.shift), dims=tuple(range(len(geom.shift))))
+    if geom.pad_mask:
+        # Padding is marked in the un-rolled frame; rolling the id map below moves it with the features.
+        pad = torch.zeros(geom.padded, dtype=torch.bool)
+        for axis, g in enumerate(geom.grid):
+            pad.narrow(axis, g, geom.padded[axis] - g).fill_(True)
+        ids = ids.masked_fill(pad, -1)
     ids = _rolled_grid_map(geom, ids)
     mask = (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
     return mask.to(device)

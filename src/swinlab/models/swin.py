@@ -76,7 +76,9 @@ class _SwinBlock(nn.Module):
 
     ``per_axis_window`` selects the rule for grids not larger than the window (see
     :func:`swinlab.layers.windows.clamp_window`): Swin V2 shrinks the whole window to the smallest side, Video
-    Swin clamps each axis separately.
+    Swin clamps each axis separately. ``pad_mask``: tokens padded to a window multiple are masked out of
+    attention (default, so results do not depend on padding) or, if false, attended to as ordinary zero-valued
+    keys (the official Video Swin).
     """
 
     per_axis_window = False
@@ -91,9 +93,12 @@ class _SwinBlock(nn.Module):
         drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        *,
+        pad_mask: bool = True,
     ) -> None:
         super().__init__()
         self.window_size, self.shift_size = tuple(window_size), tuple(shift_size)
+        self.pad_mask = pad_mask
         self.norm1 = norm_layer(dim)
         self.attn = attn
         # in place: it only ever sees a fresh branch output (a norm, the attention or the MLP)
@@ -102,7 +107,9 @@ class _SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def geometry(self, grid: Sequence[int]) -> WindowGeometry:
-        return window_geometry(grid, self.window_size, self.shift_size, per_axis=self.per_axis_window)
+        return window_geometry(
+            grid, self.window_size, self.shift_size, per_axis=self.per_axis_window, pad_mask=self.pad_mask
+        )
 
     def window_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Shift, partition, attend, merge and un-shift ``(B, *grid, C)`` (padding handled inside)."""
@@ -133,9 +140,11 @@ class SwinBlockV2(_SwinBlock):
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         pretrained_window_size: tuple[int, ...] = (0, 0),
+        *,
+        pad_mask: bool = True,
     ) -> None:
         attn = WindowAttentionV2(dim, num_heads, qkv_bias, attn_drop, drop, pretrained_window_size)
-        super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer)
+        super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer, pad_mask=pad_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Residuals added in place into the fresh branch output (a LayerNorm's backward does not need it).
@@ -168,9 +177,11 @@ class SwinBlockV1(_SwinBlock):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        *,
+        pad_mask: bool = True,
     ) -> None:
         attn = WindowAttentionV1(dim, num_heads, window_size, qkv_bias, qk_scale, attn_drop, drop)
-        super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer)
+        super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer, pad_mask=pad_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Residuals added in place into the fresh branch outputs, as in the V2 block.

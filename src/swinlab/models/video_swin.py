@@ -8,11 +8,14 @@ A 3D window is the 2D machinery with one more axis: :func:`swinlab.models.swin.s
 (``patch_embed``, ``layers.i.blocks.j``, ``layers.i.downsample``, ``norm``; the classifier adds ``backbone.`` /
 ``cls_head.fc_cls.`` like the official recognizer checkpoints).
 
+**Padding inside blocks** follows the official code by default: a token grid that is not a multiple of the window
+is zero-padded at the end after ``norm1``, the shift mask is computed on the padded grid, and real tokens attend
+to the padded tokens as ordinary keys (every official checkpoint was trained that way). ``pad_mask=True`` instead
+masks padded tokens out of attention (:func:`swinlab.layers.window_mask`), so a token's output does not depend on
+how much padding its window received.
+
 Deliberate differences from the official code (none is hit by standard settings or by the golden fixture):
 
-* **padding inside blocks**: when a token grid is not a multiple of the window, the official code zero-pads
-  after ``norm1`` and lets real tokens attend to the padded tokens as ordinary keys; here padded tokens are
-  masked out of attention (shared :func:`swinlab.layers.window_mask`), so results do not depend on padding;
 * **clamped windows**: when an axis is not larger than its window the official code slices
   ``relative_position_index[:N, :N]`` of the configured window (wrong offsets once H or W shrank); here the
   index is built for the effective window (see :class:`swinlab.layers.WindowAttentionV1`);
@@ -45,7 +48,7 @@ class SwinBlockV2PerAxis(SwinBlockV2):
 
 
 def _block_and_merging(
-    swin_version: int, qk_scale: float | None, pretrained_window_size: Sequence[int] | None
+    swin_version: int, qk_scale: float | None, pretrained_window_size: Sequence[int] | None, pad_mask: bool
 ) -> tuple[Callable[..., nn.Module], type[nn.Module]]:
     """The block and patch merging for ``swin_version``, handed to :func:`swinlab.models.swin.swin_stages`: the
     int switch stays at the constructor (``swin_version`` is public API) and the stages only ever see parts.
@@ -54,19 +57,19 @@ def _block_and_merging(
     learned bias table) and pre-norm merging. ``2``: Swin V2 blocks with the per-axis window rule (res-post-norm,
     scaled cosine attention, log-spaced continuous position bias normalised by ``pretrained_window_size``,
     default the effective window) and post-norm merging. An option the chosen version cannot use is refused
-    rather than ignored.
+    rather than ignored. ``pad_mask`` goes to the blocks of either version.
     """
     if swin_version == 1:
         if pretrained_window_size is not None:
             raise ValueError("pretrained_window_size applies to the continuous position bias of version 2 only")
-        return partial(SwinBlockV1, qk_scale=qk_scale), PatchMerging
+        return partial(SwinBlockV1, qk_scale=qk_scale, pad_mask=pad_mask), PatchMerging
     if swin_version == 2:
         if qk_scale is not None:
             raise ValueError("qk_scale applies to dot-product attention (version 1); version 2 learns its logit scale")
         pretrained = tuple(pretrained_window_size or (0, 0, 0))
         if len(pretrained) != 3:
             raise ValueError(f"pretrained_window_size {pretrained} needs one entry per window axis (T, H, W)")
-        return partial(SwinBlockV2PerAxis, pretrained_window_size=pretrained), PatchMergingV2
+        return partial(SwinBlockV2PerAxis, pretrained_window_size=pretrained, pad_mask=pad_mask), PatchMergingV2
     raise ValueError(f"swin_version must be 1 (Video Swin) or 2 (Swin V2 techniques), got {swin_version}")
 
 
@@ -89,6 +92,17 @@ class SwinTransformer3D(nn.Module):
     the patch embedding and the first k stages (their parameters stop requiring grad and they stay in eval
     mode); ``use_checkpoint`` enables gradient checkpointing. ``swin_version=2`` builds the stages from Swin V2
     blocks and merging instead (see :func:`_block_and_merging`).
+
+    ``pad_mask`` chooses what the padding added inside a block (token grid not a multiple of the window) does:
+
+    * ``False`` (default, official): padded tokens are zero vectors (in version 1 blocks, after ``norm1``) that
+      real tokens attend to like any other key. This is what the official model computes and what its
+      checkpoints were trained with, so only this setting reproduces them on clips whose token grid needs
+      padding. Version 2 blocks follow the same rule.
+    * ``True``: padded tokens are masked out of attention, so results do not depend on padding: the real tokens
+      of a partly padded window attend to each other exactly as if the grid ended at their edge (and a static
+      clip reproduces its inflated 2D model). Worth it when training from scratch or from inflated 2D weights
+      on clip sizes that need padding; nothing changes when no padding happens.
     """
 
     def __init__(
@@ -114,6 +128,7 @@ class SwinTransformer3D(nn.Module):
         *,
         swin_version: int = 1,
         pretrained_window_size: Sequence[int] | None = None,
+        pad_mask: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = _triple(patch_size, "patch_size")
@@ -126,9 +141,9 @@ class SwinTransformer3D(nn.Module):
 
         self.patch_embed = PatchEmbed(self.patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
         self.pos_drop = nn.Dropout(drop_rate)
-        self.swin_version = swin_version
+        self.swin_version, self.pad_mask = swin_version, pad_mask
         self.layers = swin_stages(
-            *_block_and_merging(swin_version, qk_scale, pretrained_window_size),
+            *_block_and_merging(swin_version, qk_scale, pretrained_window_size, pad_mask),
             embed_dim,
             depths,
             num_heads,
