@@ -251,3 +251,8 @@ def test_v1_attention_smaller_window_uses_matching_offsets():
     torch.testing.assert_close(small[:, 7, 0], table[2, 4, 4])
     geom = window_geometry((2, 4, 4), (2, 4, 4), (1, 2, 2), per_axis=True)
     assert attn(to_windows(torch.randn(1, 2, 4, 4, 8), geom), geom).shape == (1, 1, 32, 8)
+    # the official slice: the first 8 x 8 pairs of the (2, 4, 4) window's index
+    attn.sliced_index = True
+    official = table.reshape(-1, 2)[relative_position_index((2, 4, 4), CPU)[:8, :8]].permute(2, 0, 1)
+    torch.testing.assert_close(attn.position_bias((2, 2, 2)), official)
+    assert not torch.allclose(small, official)

@@ -49,13 +49,20 @@ def test_return_stages():
     assert [m.shape for m in maps] == [(1, 8, 4, 8, 8), (1, 16, 4, 4, 4)]
 
 
-def test_clamped_window_uses_its_own_offsets():
-    """A 1-frame grid with window (2, 4, 4) attends with window (1, 4, 4): the bias must be the dt = 0 slice of
-    the table, gathered with the index of the smaller window."""
-    attn = backbone().layers[0].blocks[0].attn
+@pytest.mark.parametrize("pad_mask", [False, True])
+def test_clamped_window_offsets(pad_mask):
+    """A 1-frame grid with window (2, 4, 4) attends with window (1, 4, 4): the bias is the dt = 0 slice of the
+    table, gathered with the index of the smaller window, under both settings (time is the leading axis, so the
+    official ``index[:N, :N]`` slice gives the true offsets). A window shrunk in H, e.g. (2, 3, 4), reads the
+    official slice by default and its true offsets with ``pad_mask=True``."""
+    attn = backbone(pad_mask=pad_mask).layers[0].blocks[0].attn
     table = attn.relative_position_bias_table.detach()
     expected = gather_relative_bias(table.view(3, 49, -1)[1], (1, 4, 4))
     assert torch.equal(attn.position_bias((1, 4, 4)).detach(), expected)
+    true_offsets = gather_relative_bias(table.view(3, 7, 7, -1)[:, 1:6].reshape(-1, 2), (2, 3, 4))
+    official = gather_relative_bias(table, (2, 4, 4))[:, :24, :24]
+    assert torch.equal(attn.position_bias((2, 3, 4)).detach(), true_offsets if pad_mask else official)
+    assert not torch.equal(true_offsets, official)
 
 
 def test_shift_and_stochastic_depth_schedule():
@@ -488,12 +495,15 @@ def test_reference_reproduces_the_golden_fixture(golden_dir):
         ((5, 35, 39), [(3, 9, 10), (3, 5, 5)]),
         # one time token: T clamps to window 1 (no temporal shift) while H and W are padded and shifted
         ((2, 27, 25), [(1, 7, 7), (1, 4, 4)]),
+        # (3, 5, 7) padded in T, H, W; then (3, 3, 4): H shrinks the window to (2, 3, 4) (official sliced index),
+        # T is padded and shifted, H and W are not shifted
+        ((5, 19, 27), [(3, 5, 7), (3, 3, 4)]),
     ],
 )
 def test_padding_follows_the_official_block(clip, grids):
     """Default semantics on inputs padded in T, H and W at once (batch 2, shifted windows): the model equals the
-    float64 reference of the official block within float32 round-off (measured ~3e-6; masking the padded tokens
-    instead moves the output by ~1-3)."""
+    float64 reference of the official block within float32 round-off (measured ~3e-6; ``pad_mask=True``, which
+    masks the padded tokens, moves the output by ~1-3)."""
     model = _official_like(backbone())
     x = torch.randn(2, 3, *clip)
     with torch.no_grad():

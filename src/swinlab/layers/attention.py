@@ -19,6 +19,7 @@ from swinlab.layers.position import (
     gather_relative_bias,
     log_spaced_coords,
     relative_bias_table_size,
+    relative_position_index,
 )
 from swinlab.layers.windows import WindowGeometry, window_mask
 
@@ -249,9 +250,11 @@ class WindowAttentionV2(_WindowAttention):
 class WindowAttentionV1(_WindowAttention):
     """Swin V1 / Video Swin attention: ``q k^T * d^-0.5 + table[index]`` with a learned per-offset bias table.
 
-    The table is sized for ``window`` (any rank); a smaller effective window is served by an index built for
-    that window from the matching sub-block of offsets (not the official ``index[:N, :N]`` slice, see swin.md
-    section 6).
+    The table is sized for ``window`` (any rank). A smaller effective window (an axis of the grid shorter than
+    the window) is served by the index of its true offsets (the matching sub-block of the table); with
+    ``sliced_index=True`` instead by the first N x N entries of ``window``'s index, as the official Video Swin
+    reads it (``relative_position_index[:N, :N]``: the true offsets only while the shortened axes are the leading
+    ones, e.g. time; see swin.md section 6).
     """
 
     def __init__(
@@ -263,9 +266,11 @@ class WindowAttentionV1(_WindowAttention):
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        *,
+        sliced_index: bool = False,
     ) -> None:
         super().__init__(dim, num_heads, attn_drop, proj_drop)
-        self.window = tuple(window)
+        self.window, self.sliced_index = tuple(window), sliced_index
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(
@@ -283,6 +288,10 @@ class WindowAttentionV1(_WindowAttention):
 
     def position_bias(self, window: tuple[int, ...]) -> torch.Tensor:
         table = self.relative_position_bias_table
+        if self.sliced_index and tuple(window) != self.window:
+            n = math.prod(window)
+            index = relative_position_index(self.window, table.device)[:n, :n].flatten()
+            return table.t().contiguous().index_select(1, index).view(-1, n, n)  # as gather_relative_bias
         if tuple(window) != self.window:
             full = table.view(*(2 * w - 1 for w in self.window), -1)
             crop = tuple(slice(w - e, w + e - 1) for w, e in zip(self.window, window, strict=True))

@@ -160,7 +160,13 @@ class SwinBlockV2(_SwinBlock):
 
 class SwinBlockV1(_SwinBlock):
     """Pre-norm block with dot-product attention and a learned bias table (Swin V1 math, Video Swin's window
-    rule: each axis clamped separately)."""
+    rule: each axis clamped separately).
+
+    ``pad_mask=False`` gives the official Video Swin semantics for every window that does not fit the grid: padded
+    tokens are ordinary keys, and a window clamped to a shorter axis reads the bias table through the official
+    sliced index (``sliced_index`` of :class:`swinlab.layers.WindowAttentionV1`). ``pad_mask=True`` (default)
+    makes both kinds of window behave as the windows of the real tokens they hold (masked padding, true
+    offsets)."""
 
     per_axis_window = True
 
@@ -180,7 +186,9 @@ class SwinBlockV1(_SwinBlock):
         *,
         pad_mask: bool = True,
     ) -> None:
-        attn = WindowAttentionV1(dim, num_heads, window_size, qkv_bias, qk_scale, attn_drop, drop)
+        attn = WindowAttentionV1(
+            dim, num_heads, window_size, qkv_bias, qk_scale, attn_drop, drop, sliced_index=not pad_mask
+        )
         super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer, pad_mask=pad_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

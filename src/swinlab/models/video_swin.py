@@ -8,17 +8,17 @@ A 3D window is the 2D machinery with one more axis: :func:`swinlab.models.swin.s
 (``patch_embed``, ``layers.i.blocks.j``, ``layers.i.downsample``, ``norm``; the classifier adds ``backbone.`` /
 ``cls_head.fc_cls.`` like the official recognizer checkpoints).
 
-**Padding inside blocks** follows the official code by default: a token grid that is not a multiple of the window
-is zero-padded at the end after ``norm1``, the shift mask is computed on the padded grid, and real tokens attend
-to the padded tokens as ordinary keys (every official checkpoint was trained that way). ``pad_mask=True`` instead
-masks padded tokens out of attention (:func:`swinlab.layers.window_mask`), so a token's output does not depend on
-how much padding its window received.
+**Windows that do not fit the token grid** follow the official code by default. A grid that is not a multiple of
+the window is zero-padded at the end after ``norm1``, the shift mask is computed on the padded grid, and real
+tokens attend to the padded tokens as ordinary keys (every official checkpoint was trained that way). An axis not
+larger than its window uses window = size and no shift, and the bias table is then read through
+``relative_position_index[:N, :N]`` of the configured window (wrong offsets once H or W shrank, right ones when
+only time did). ``pad_mask=True`` instead masks padded tokens out of attention (:func:`swinlab.layers.window_mask`)
+and reads a shrunk window's bias at its true offsets (:class:`swinlab.layers.WindowAttentionV1`), so results do
+not depend on padding.
 
 Deliberate differences from the official code (none is hit by standard settings or by the golden fixture):
 
-* **clamped windows**: when an axis is not larger than its window the official code slices
-  ``relative_position_index[:N, :N]`` of the configured window (wrong offsets once H or W shrank); here the
-  index is built for the effective window (see :class:`swinlab.layers.WindowAttentionV1`);
 * ``relative_position_index`` is derived, not a state-dict buffer (the loaders drop it);
 * weights are initialised in ``__init__`` (officially the recognizer calls ``init_weights``), and ``train()``
   returns ``self`` (officially ``None``).
@@ -93,16 +93,19 @@ class SwinTransformer3D(nn.Module):
     mode); ``use_checkpoint`` enables gradient checkpointing. ``swin_version=2`` builds the stages from Swin V2
     blocks and merging instead (see :func:`_block_and_merging`).
 
-    ``pad_mask`` chooses what the padding added inside a block (token grid not a multiple of the window) does:
+    ``pad_mask`` chooses how a window that does not fit the token grid behaves (a grid side not a multiple of the
+    window is padded inside each block; a side not larger than the window shrinks it):
 
     * ``False`` (default, official): padded tokens are zero vectors (in version 1 blocks, after ``norm1``) that
-      real tokens attend to like any other key. This is what the official model computes and what its
-      checkpoints were trained with, so only this setting reproduces them on clips whose token grid needs
-      padding. Version 2 blocks follow the same rule.
-    * ``True``: padded tokens are masked out of attention, so results do not depend on padding: the real tokens
-      of a partly padded window attend to each other exactly as if the grid ended at their edge (and a static
-      clip reproduces its inflated 2D model). Worth it when training from scratch or from inflated 2D weights
-      on clip sizes that need padding; nothing changes when no padding happens.
+      real tokens attend to like any other key, and a window shrunk in H or W reads the bias table through the
+      official sliced index. This is what the official model computes and what its checkpoints were trained
+      with, so only this setting reproduces them on clips whose token grids need padding or are small. Version 2
+      blocks pad the same way (their continuous position bias has no table to slice).
+    * ``True``: padded tokens are masked out of attention and a shrunk window uses its true offsets, so results
+      do not depend on padding: the real tokens of a partly padded window attend to each other exactly as if the
+      grid ended at their edge (and a static clip reproduces its inflated 2D model). Worth it when training from
+      scratch or from inflated 2D weights on clip sizes that need padding; nothing changes when the grids are
+      window multiples at least as large as the window.
     """
 
     def __init__(
