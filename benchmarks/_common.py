@@ -80,33 +80,47 @@ def save_shared_weights(model_name: str, path, key: str) -> None:
     torch.save({key: reference.state_dict()}, path)
 
 
-def make_step(model, x, mode: str, impl: str, optimizer: str, num_classes: int) -> Callable[[], None]:
+def autocast(precision: str):
+    """The context of every forward under ``--precision``: nothing for fp32, CPU autocast to bfloat16 for bf16 (what
+    ``swinlab train --set precision=bf16`` does), the same for every implementation."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def make_step(
+    model, x, mode: str, impl: str, optimizer: str, num_classes: int, precision: str = "fp32"
+) -> Callable[[], None]:
     """One inference forward (``mode="infer"``) or one training step (cross entropy, backward, ``optimizer``
-    kind as :func:`make_optimizer`) of ``model`` on ``x``, as a zero-argument callable."""
+    kind as :func:`make_optimizer`) of ``model`` on ``x`` under ``precision``, as a zero-argument callable."""
     import torch
 
     if mode == "infer":
-        return infer_step(model, x)
+        return infer_step(model, x, precision)
     model.train()
     opt = make_optimizer(model, impl, optimizer)
     y = torch.randint(0, num_classes, (x.shape[0],))
 
     def train() -> None:
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with autocast(precision):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return train
 
 
-def infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def infer_step(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> Callable[[], None]:
     """``model`` in eval mode; one ``inference_mode`` forward on ``x`` as a zero-argument callable."""
     import torch
 
     model.eval()
 
     def infer() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             model(x)
 
     return infer
@@ -131,7 +145,7 @@ def run_mode(model, x, args, num_classes: int, unit: str) -> dict | None:
         with torch.no_grad(), flop_counter() as counter:
             model(x[:1])
         return {f"flops_per_{unit}": counter.get_total_flops()}
-    step = make_step(model, x, args.mode, args.impl, args.optimizer, num_classes)
+    step = make_step(model, x, args.mode, args.impl, args.optimizer, num_classes, args.precision)
     t0 = time.perf_counter()
     step()
     first_step = time.perf_counter() - t0
@@ -262,7 +276,7 @@ Impl = tuple[str, str]
 Run = Callable[..., "dict | None"]
 """``run(python, impl, mode, **extra)``: :func:`run_worker` with the script and its settings bound."""
 
-WORKER_ARGS = ("threads", "batch", "img", "iters", "warmup", "weights", "optimizer", "allocator")
+WORKER_ARGS = ("threads", "batch", "img", "iters", "warmup", "weights", "optimizer", "allocator", "precision")
 """The parent's settings every worker gets (a script adds its own, such as ``frames``, through ``forward``)."""
 
 
@@ -285,6 +299,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch: int, img: int, iter
     parser.add_argument(
         "--allocator", choices=ALLOCATORS, default="system", help="CPU allocator setting of every implementation"
     )
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32",
+        help="bf16: every implementation under CPU autocast to bfloat16 (fast on CPUs with AMX / avx512_bf16)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write all raw results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -425,7 +443,8 @@ def print_rows(
     print("|" + "---|" * len(columns))
     for r in rows:
         print("| " + " | ".join(cell(r) for _, cell in columns) + " |")
-    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer); allocator: {args.allocator}")
+    print(f"training step optimizer: {args.optimizer} (see _common.make_optimizer); allocator: {args.allocator}; "
+          f"precision: {args.precision}")  # fmt: skip
 
 
 def print_ratios(rows: list[dict], mode: str, label: str, peers: Sequence[str], rate: str, unit: str) -> None:

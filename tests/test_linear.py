@@ -114,3 +114,12 @@ def test_linear_gelu_fused_inference_equals_gelu_of_linear(approximate):
     out = linear_gelu(x, w, b, approximate)  # with autograd: linear then GELU, differentiable
     out.sum().backward()
     assert rel(out, ref) < 1e-6 and x.grad is not None
+
+
+def test_backend_policy_follows_the_measurements_per_cpu_vendor():
+    assert linear_module.onednn_policy("auto", "GenuineIntel", "AVX512") == (False, False)  # MKL wins on Intel
+    assert linear_module.onednn_policy("auto", "AuthenticAMD", "AVX512") == (True, True)
+    assert linear_module.onednn_policy("auto", "AuthenticAMD", "AVX2") == (True, False)  # wgrad faster on MKL
+    assert linear_module.onednn_policy("1", "GenuineIntel", "AVX2") == (True, True)
+    assert linear_module.onednn_policy("0", "AuthenticAMD", "AVX512") == (False, False)
+    assert linear_module.cpu_vendor()  # read from this machine

@@ -1,17 +1,19 @@
 """A drop-in ``nn.Linear`` whose fp32 CPU GEMMs run through oneDNN where that is faster than MKL.
 
-PyTorch's fp32 ``F.linear`` on CPU calls MKL's sgemm. On an AVX-512 CPU (AMD EPYC Zen 5, 2 threads) MKL runs a
-2048x2048x2048 GEMM at 143-181 GFLOP/s, while oneDNN's JIT kernels (the ones inductor emits for CPU linears,
-``torch.ops.mkldnn._linear_pointwise``) use AVX-512 and reach 345-405 GFLOP/s; SwinV2-T's own linear shapes gain
-1.3-2.4x forward, input- and weight-gradient alike. On an AVX2 CPU (Zen 2) the peaks are close (MKL 115-121,
-oneDNN 129-147 GFLOP/s): oneDNN still wins the forward and input-gradient GEMMs of SwinV2-T's shapes (1.1-1.4x,
-one 0.8x) but loses the weight gradient (0.66-0.98x), so there the weight gradient stays on MKL
-(``benchmarks/RESULTS.md``). Results stay fp32 (relative error vs float64 5.7e-7, MKL 2.5e-7); they differ from
-MKL's only in summation order. The op is internal to torch; a build without it runs everything through
+PyTorch's fp32 ``F.linear`` on CPU calls MKL's sgemm, which is Intel's library: on Intel CPUs it is the faster one
+(an AMX Xeon, 2 threads, SwinV2-T's shapes: MKL takes 0.96x oneDNN's time forward, 0.89x for the input gradient,
+0.62x for the weight gradient), so there every GEMM stays on MKL. On AMD CPUs MKL takes slower code paths. On an
+AVX-512 one (EPYC Zen 5, 2 threads) MKL runs a 2048x2048x2048 GEMM at 143-181 GFLOP/s, while oneDNN's JIT kernels
+(the ones inductor emits for CPU linears, ``torch.ops.mkldnn._linear_pointwise``) use AVX-512 and reach 345-405
+GFLOP/s; SwinV2-T's own linear shapes gain 1.3-2.4x forward, input- and weight-gradient alike. On an AVX2 CPU (Zen
+2) the peaks are close (MKL 115-121, oneDNN 129-147 GFLOP/s): oneDNN still wins the forward and input-gradient GEMMs
+of SwinV2-T's shapes (1.1-1.4x, one 0.8x) but loses the weight gradient (0.66-0.98x), so there the weight gradient
+stays on MKL (``benchmarks/RESULTS.md``). Results stay fp32 (relative error vs float64 5.7e-7, MKL 2.5e-7); they
+differ from MKL's only in summation order. The op is internal to torch; a build without it runs everything through
 ``F.linear``.
 
-Everything outside that case (CUDA, other dtypes, autocast, ``torch.compile``, inputs oneDNN does not take, a
-build without oneDNN) goes to ``F.linear`` unchanged. ``SWINLAB_ONEDNN_LINEAR`` in the environment chooses:
+Everything outside that case (Intel CPUs, CUDA, other dtypes, autocast, ``torch.compile``, inputs oneDNN does not
+take, a build without oneDNN) goes to ``F.linear`` unchanged. ``SWINLAB_ONEDNN_LINEAR`` in the environment chooses:
 ``auto`` (the default: as above), ``1`` (every GEMM through oneDNN) or ``0`` (none), e.g. to compare on a new
 machine (``benchmarks/bench_swin.py --linear-backends``).
 """
@@ -19,6 +21,8 @@ machine (``benchmarks/bench_swin.py --linear-backends``).
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +35,34 @@ ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mk
 _CHOICE = os.environ.get("SWINLAB_ONEDNN_LINEAR", "auto").strip().lower()
 if _CHOICE not in ("auto", "0", "1"):
     raise ValueError(f"SWINLAB_ONEDNN_LINEAR must be auto, 1 or 0, got {_CHOICE!r}")
-ONEDNN_LINEAR = ONEDNN_AVAILABLE and _CHOICE != "0"
+
+
+def cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... (``/proc/cpuinfo``'s ``vendor_id`` on Linux, else the platform's)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def onednn_policy(choice: str, vendor: str, capability: str) -> tuple[bool, bool]:
+    """``(forward and input gradient on oneDNN, weight gradient too)`` for ``SWINLAB_ONEDNN_LINEAR=choice`` on a CPU
+    of this vendor and ``torch.backends.cpu.get_cpu_capability()``: measured, MKL wins everything on Intel, oneDNN
+    wins on AMD except the weight gradient without AVX-512."""
+    if choice != "auto":
+        return choice == "1", choice == "1"
+    if vendor == "GenuineIntel":
+        return False, False
+    return True, capability.startswith("AVX512")
+
+
+_POLICY = onednn_policy(_CHOICE, cpu_vendor(), torch.backends.cpu.get_cpu_capability())
+ONEDNN_LINEAR = ONEDNN_AVAILABLE and _POLICY[0]
 """Whether fp32 CPU linears run their forward and input gradient through oneDNN (decided once at import)."""
-ONEDNN_WEIGHT_GRAD = ONEDNN_LINEAR and (_CHOICE == "1" or torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
-"""Whether their weight gradient does too (AVX-512 CPUs; on AVX2 it is faster on MKL)."""
+ONEDNN_WEIGHT_GRAD = ONEDNN_AVAILABLE and _POLICY[1]
+"""Whether their weight gradient does too."""
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
