@@ -175,9 +175,11 @@ class _Fit:
         self.eval_model = model.module if ddp else model
         self.plain = unwrap_model(self.model)
         device = model_device(self.plain)
-        self.frozen = task.frozen_modules()
-        for frozen in self.frozen.values():
+        frozen_modules = task.frozen_modules()
+        for frozen in frozen_modules.values():
             frozen.place(device)
+        # Hashed once: a tokenizer file can be large, and every epoch's checkpoint records the same fingerprint.
+        self.frozen_fingerprints = {name: frozen.fingerprint() for name, frozen in frozen_modules.items()}
         self.run_dir = Path(cfg.output_dir)
         require_folder(self.run_dir)
         self.log = RunLog(self.run_dir, task.metric_names, enabled=env.is_main, tensorboard=cfg.tensorboard)
@@ -386,9 +388,6 @@ class _Fit:
             return True
         return False
 
-    def _frozen_fingerprints(self) -> dict[str, dict[str, str | None]]:
-        return {name: frozen.fingerprint() for name, frozen in self.frozen.items()}
-
     def _resume(self) -> None:
         path = self.run_dir / "checkpoint.pt"
         if not (self.cfg.resume and path.is_file()):
@@ -428,7 +427,7 @@ class _Fit:
 
     def _check_frozen(self, recorded: Mapping[str, Any], path: Path) -> None:
         """A frozen helper (e.g. a tokenizer) must be the one the checkpoint was trained with."""
-        for name, now in self._frozen_fingerprints().items():
+        for name, now in self.frozen_fingerprints.items():
             before = recorded.get(name)
             if before is not None and before["sha256"] != now["sha256"]:
                 raise ckpt_io.CheckpointError(
@@ -451,7 +450,7 @@ class _Fit:
                 "model": model_state,
                 "optimizers": optimizer_states,
                 "task": task_state,
-                "frozen": self._frozen_fingerprints(),
+                "frozen": self.frozen_fingerprints,
                 "epoch": self.state.epoch,
                 "step": self.state.step,
                 "config": to_dict(self.cfg),

@@ -150,9 +150,8 @@ class Stepper:
         if len(params) != len(grads) or any(id(p) not in owned for p in params):
             raise ValueError(f"add_grads: give one gradient per parameter of the {slot.name!r} optimizer")
         for param, grad in zip(params, grads, strict=True):
-            grad = grad.detach() / self.group
+            grad = grad.detach() / self.group  # a new tensor: reduced in place below
             if self.env.distributed:  # computed outside DDP: average over ranks here
-                grad = grad.clone()
                 dist.all_reduce(grad, op=dist.ReduceOp.SUM)
                 grad /= self.env.world_size
             param.grad = grad if param.grad is None else param.grad + grad
