@@ -35,6 +35,11 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    """Checkpoint keys discarded on purpose (checkpoint names), e.g. SimMIM's ``encoder.mask_token`` and
+    ``decoder.*`` when a classifier is fine-tuned from a pre-training checkpoint."""
+    stripped_prefix: str = ""
+    """A prefix removed from every kept checkpoint key (``"encoder."`` for a SimMIM checkpoint)."""
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -75,6 +80,39 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+_SIMMIM_PARTS = ("encoder.", "decoder.")
+_PRETRAIN_ONLY = ("mask_token",)
+"""Encoder parameters that only pre-training uses: dropped when the target model does not have them."""
+
+
+def strip_pretraining_parts(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """A SimMIM checkpoint (``encoder.*``, ``decoder.*``) loaded into a bare encoder, e.g. a classifier to
+    fine-tune: keep the encoder with its prefix stripped, drop the decoder and the mask token (unless the model
+    has one), as the official ``utils_simmim.load_pretrained`` does. Anything else passes unchanged.
+
+    Applied only when the checkpoint is laid out as SimMIM and the model has no ``encoder.`` keys of its own,
+    so models with real ``encoder`` / ``decoder`` submodules (a SimMIM, AiT's VQ-VAE) are never rewritten.
+    """
+    report = LoadReport()
+    target = model.state_dict()
+    simmim_layout = any(k.startswith("encoder.") for k in state_dict) and all(
+        k.startswith(_SIMMIM_PARTS) for k in state_dict
+    )
+    if not simmim_layout or any(k.startswith("encoder.") for k in target):
+        return dict(state_dict), report
+    report.stripped_prefix = "encoder."
+    out = {}
+    for name, value in state_dict.items():
+        inner = name[len("encoder.") :]
+        if name.startswith("decoder.") or (inner in _PRETRAIN_ONLY and inner not in target):
+            report.dropped.append(name)
+        else:
+            out[inner] = value
+    return out, report
+
+
 def _resize_bias_table(table: torch.Tensor, rows: int) -> torch.Tensor:
     """V1 table ``(S*S, heads)`` -> ``(rows, heads)`` by bicubic resizing of each head's square offset map."""
     src, dst = math.isqrt(table.shape[0]), math.isqrt(rows)
@@ -95,13 +133,9 @@ def _adaptable(name: str, src: torch.Tensor, dst: torch.Tensor) -> bool:
     if src.ndim != dst.ndim:
         return False
     if name.endswith("relative_position_bias_table"):
-        return src.shape[1] == dst.shape[1] and all(
-            math.isqrt(n) ** 2 == n for n in (src.shape[0], dst.shape[0])
-        )
+        return src.shape[1] == dst.shape[1] and all(math.isqrt(n) ** 2 == n for n in (src.shape[0], dst.shape[0]))
     if name.endswith("absolute_pos_embed"):
-        return src.shape[2] == dst.shape[2] and all(
-            math.isqrt(n) ** 2 == n for n in (src.shape[1], dst.shape[1])
-        )
+        return src.shape[2] == dst.shape[2] and all(math.isqrt(n) ** 2 == n for n in (src.shape[1], dst.shape[1]))
     return False
 
 
@@ -110,12 +144,13 @@ def adapt_state_dict(
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Map an official-layout state dict onto ``model``'s parameters (pure: ``model`` is only read).
 
-    Drops derived buffers, resizes V1 bias tables and absolute position embeddings, skips a head of another
-    class count (reported as ``reinitialised``); raises ``ValueError`` listing every other shape that cannot
-    be adapted.
+    Drops derived buffers, strips a SimMIM checkpoint down to its encoder when ``model`` is a bare encoder
+    (:func:`strip_pretraining_parts`), resizes V1 bias tables and absolute position embeddings, skips a head of
+    another class count (reported as ``reinitialised``); raises ``ValueError`` listing every other shape that
+    cannot be adapted.
     """
     target = model.state_dict()
-    report = LoadReport()
+    state_dict, report = strip_pretraining_parts(state_dict, model)
     out: dict[str, torch.Tensor] = {}
     unadaptable = []
     for name, value in state_dict.items():
@@ -147,11 +182,20 @@ def load_official(
     """Load an official Swin checkpoint (file or dict, bare or under ``model`` / ``state_dict``) into
     ``model``.
 
-    A head with a different class count is re-initialised (truncated normal, std 0.02) with a warning. With
-    ``strict=True`` any missing or unexpected key raises ``ValueError``.
+    A head with a different class count is re-initialised (truncated normal, std 0.02) with a warning. A SimMIM
+    checkpoint loads into a ``SimMIM`` as is, or into a bare encoder / classifier without its decoder and mask
+    token (``report.dropped``). With ``strict=True`` any missing or unexpected key raises ``ValueError``; a
+    checkpoint of which no key matches the model always does (a load that silently loads nothing).
     """
     raw = path_or_state_dict if isinstance(path_or_state_dict, Mapping) else read_checkpoint(path_or_state_dict)
     state, report = adapt_state_dict(unwrap_state_dict(raw), model)
+    if not state:
+        theirs = sorted(report.unexpected)[:3]
+        ours = sorted(model.state_dict())[:3]
+        raise ValueError(
+            f"no checkpoint key matches the model ({len(report.unexpected)} unexpected keys such as {theirs}; "
+            f"the model's keys look like {ours})"
+        )
     if strict and (report.missing or report.unexpected):
         raise ValueError(f"strict load failed: missing {report.missing}, unexpected {report.unexpected}")
     model.load_state_dict(state, strict=False)
