@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from swinlab.models.hf_keys import hf_to_official, is_hf_swinv2
+
 DERIVED_SUFFIXES = ("relative_position_index", "relative_coords_table", "attn_mask")
 """Official buffers that depend on window and input size; swinlab rebuilds them, so they are dropped."""
 
@@ -64,7 +66,7 @@ def read_checkpoint(path: str | Path) -> Any:
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     """Accept a bare state dict or one nested under ``model`` / ``state_dict``; strip a DDP ``module.``
-    prefix."""
+    prefix; convert transformers' Swinv2 layouts to the official one (:mod:`swinlab.models.hf_keys`)."""
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
@@ -77,7 +79,7 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
         raise TypeError(f"checkpoint is not a state dict: entries {bad[:5]} are not name -> tensor")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
+    return hf_to_official(obj) if is_hf_swinv2(obj) else dict(obj)
 
 
 _SIMMIM_PARTS = ("encoder.", "decoder.")
