@@ -53,6 +53,8 @@ NonNegative = Annotated[float, Range(ge=0)]
 Fraction = Annotated[float, Range(ge=0, lt=1)]
 """In [0, 1): a share that cannot be all (label smoothing, a held-out part, Adam's betas)."""
 Probability = Annotated[float, Range(ge=0, le=1)]
+UnitInterval = Annotated[float, Range(gt=0, le=1)]
+"""In (0, 1]: a factor that may shrink a value but not erase it (layer-wise learning-rate decay)."""
 Count = Annotated[int, Range(ge=1)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
 
@@ -149,6 +151,10 @@ class OptimConfig:
     """Length of the linear warm-up, in epochs (fractions allowed)."""
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Learning-rate factors by parameter-name substring, e.g. ``{log_sigma: 10}`` for GMConv's sigmas."""
+    layer_decay: UnitInterval = 1.0
+    """Layer-wise learning-rate decay for fine-tuning a Swin (SimMIM: 0.75 for SwinV2-B): block k of n gets
+    ``layer_decay ** (n + 1 - k)`` times the rate, the patch embedding the smallest, head and final norm the full
+    rate (the official per-block ids); combines with ``lr_mult`` by multiplication. ``1``: off."""
     lr_scaling: str = "none"
     """``none``: ``lr``, ``warmup_lr`` and ``min_lr`` are used as written; ``linear``: they are given for a global
     batch of ``base_batch`` and multiplied by global batch / ``base_batch`` at start (the official Swin recipes:
@@ -156,7 +162,12 @@ class OptimConfig:
     base_batch: Count = 512
     """The global batch the rates are given for under ``lr_scaling: linear``."""
     schedule: str = "cosine"
-    """``cosine`` (per-iteration, after a linear warm-up) or ``constant``."""
+    """``cosine`` (per-iteration, after a linear warm-up), ``constant``, or ``multistep`` (``lr`` times ``gamma``
+    after each of ``milestones``)."""
+    milestones: tuple[NonNegative, ...] = ()
+    """``multistep``: the epochs after which the rate is multiplied by ``gamma`` (SimMIM's pre-training: [700])."""
+    gamma: Positive = 0.1
+    """``multistep``: the factor applied at each milestone."""
 
 
 @dataclass(frozen=True, kw_only=True)

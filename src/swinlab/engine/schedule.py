@@ -3,17 +3,19 @@
 The schedule holds no state beyond its constants, so resuming needs only the step counter from the checkpoint.
 Shape follows the official Swin recipe (timm ``CosineLRScheduler`` with ``t_in_epochs=False`` and a warm-up
 prefix): linear from ``warmup_lr`` to ``lr`` over the warm-up steps, then a half cosine from ``lr`` down to
-``min_lr`` over the remaining steps, and ``min_lr`` after the end.
+``min_lr`` over the remaining steps, and ``min_lr`` after the end. ``multistep`` (the official SimMIM
+pre-training) keeps ``lr`` after the warm-up and multiplies it by ``gamma`` at each milestone step.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
 from swinlab.config import OptimConfig
 
-KINDS = ("cosine", "constant")
+KINDS = ("cosine", "constant", "multistep")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,10 +26,15 @@ class LRSchedule:
     warmup_steps: int
     total_steps: int
     kind: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    """``multistep``: the (sorted) steps from which on ``gamma`` applies once more."""
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown LR schedule {self.kind!r} (choose one of {', '.join(KINDS)})")
+        if self.kind == "multistep" and not self.milestones:
+            raise ValueError("the multistep schedule needs milestones (optim.milestones, in epochs)")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be between 0 and total_steps={self.total_steps}"
@@ -39,6 +46,8 @@ class LRSchedule:
             return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
         if self.kind == "constant":
             return self.lr
+        if self.kind == "multistep":
+            return self.lr * self.gamma ** bisect.bisect_right(self.milestones, step)
         decay_steps = self.total_steps - self.warmup_steps
         if decay_steps == 0 or step >= self.total_steps:
             return self.min_lr
@@ -72,4 +81,6 @@ def build_schedule(cfg: OptimConfig, *, steps_per_epoch: int, epochs: int, globa
         warmup_steps=warmup,
         total_steps=total,
         kind=cfg.schedule,
+        milestones=tuple(sorted(round(epoch * steps_per_epoch) for epoch in cfg.milestones)),
+        gamma=cfg.gamma,
     )
