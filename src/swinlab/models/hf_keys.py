@@ -163,5 +163,6 @@ def hf_config_to_kwargs(config: Any, *, num_classes: int = 0) -> dict[str, Any]:
         "drop_rate": get("hidden_dropout_prob", 0.0),
         "attn_drop_rate": get("attention_probs_dropout_prob", 0.0),
         "drop_path_rate": get("drop_path_rate", 0.1),
-        "pretrained_window_sizes": tuple(get("pretrained_window_sizes", None) or (0,) * len(depths)),
+        # transformers reads only the first len(depths) entries (its default has four, whatever the depth)
+        "pretrained_window_sizes": tuple(get("pretrained_window_sizes", None) or (0,) * len(depths))[: len(depths)],
     }
