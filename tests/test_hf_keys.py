@@ -165,3 +165,36 @@ def test_unsupported_configs_are_named():
         hf_to_official(ape)
     with pytest.raises(ValueError, match="not a transformers Swinv2"):
         hf_to_official(_swinlab(_config()).state_dict())
+
+
+def _mim(config) -> transformers.Swinv2ForMaskedImageModeling:
+    hf = _randomise(transformers.Swinv2ForMaskedImageModeling(config))
+    assert {"swinv2.embeddings.mask_token", "decoder.0.weight"} <= hf.state_dict().keys()
+    return hf
+
+
+def _mim_config(**overrides) -> transformers.Swinv2Config:
+    # encoder_stride must be the encoder's output stride: patch 4 x 2^(2 stages - 1)
+    return _config(encoder_stride=8, **overrides)
+
+
+def test_masked_image_modeling_layout_is_official_simmim():
+    official = hf_to_official(_mim(_mim_config()).state_dict())
+    assert "encoder.mask_token" in official and "decoder.0.weight" in official and "decoder.0.bias" in official
+    assert "encoder.layers.0.blocks.0.attn.qkv.weight" in official and "encoder.norm.weight" in official
+    assert all(k.startswith(("encoder.", "decoder.0.")) for k in official)
+
+
+def test_masked_image_modeling_weights_fine_tune_a_bare_encoder():
+    """The SimMIM fine-tuning path: the encoder of a transformers MIM model loads into a classifier backbone
+    (prefix stripped, decoder and mask token dropped) and gives transformers' unmasked token features."""
+    config = _mim_config()
+    hf = _mim(config)
+    model = _swinlab(config)
+    load_official(model, hf.state_dict(), strict=True)
+    x = _image(config)
+    with torch.no_grad():
+        expected = hf.swinv2(x).last_hidden_state
+        last = model.forward_features(x, return_stages=True)[-1]
+        tokens = model.norm(last.permute(0, 2, 3, 1)).flatten(1, 2)
+    torch.testing.assert_close(tokens, expected, atol=ATOL, rtol=0)

@@ -19,6 +19,16 @@ Facts read from transformers' ``models/swinv2/modeling_swinv2.py`` (5.x) and che
 * ``embeddings.position_embeddings`` (``use_absolute_embeddings``) has N + 1 rows (a class-token slot Swin does not
   have) and transformers' forward cannot add it to the N patch tokens, so no working weights of that kind exist:
   such a dict is rejected rather than converted by guesswork.
+
+Where transformers' model itself differs from the official one (weights convert all the same):
+
+* a token grid that is not a window multiple is zero-padded and the padded tokens are attended as keys (swinlab
+  masks them; the official classifier rejects such inputs), so outputs agree only where the window divides the grid;
+* the shifted-window mask is added twice (-200 instead of -100): no visible effect in float32;
+* ``attention_probs_dropout_prob`` also drops the attention output projection (official: ``drop_rate``); training
+  only;
+* ``Swinv2ForMaskedImageModeling``: the loss is the official one without target normalisation (which the official
+  Swin V2 recipe enables), ``encoder_stride`` is configurable (official: 32), the token map is assumed square.
 """
 
 from __future__ import annotations
