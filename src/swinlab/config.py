@@ -95,7 +95,8 @@ class DataConfig:
     num_workers: NonNegativeInt = 0
     """DataLoader worker processes (0: load in the training process)."""
     augment: str = "standard"
-    """``standard`` (random resized crop + flip, as the Swin recipes), ``light`` (pad-crop + flip), ``none``."""
+    """``standard`` (random resized crop + flip, as the Swin recipes), ``simmim`` (SimMIM's pre-training crop: area
+    0.67-1, aspect 3/4-4/3, + flip), ``light`` (pad-crop + flip), ``none``."""
     hflip: bool = True
     """Random horizontal flips in training (off for data where left and right differ)."""
     mean: tuple[float, ...] | None = None

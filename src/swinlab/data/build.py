@@ -55,6 +55,14 @@ class DataBundle:
     extra_loaders: dict[str, DataLoader] = field(default_factory=dict)
     unit: str = "images"
     """What a sample is, for :meth:`describe`."""
+    seed: int = 0
+    """The run seed the loaders were built for; with ``rank`` it seeds a task's own random streams (SimMIM's masks),
+    so each rank draws its own and a rerun the same."""
+    rank: int = 0
+    mean: tuple[float, ...] | None = None
+    """Per-channel mean the image batches were normalised with (to turn them back into pictures); ``None``: no
+    image data."""
+    std: tuple[float, ...] | None = None
 
     def describe(self) -> str:
         """One line for the start of a run: sizes, what a sample is, classes (or vocabulary)."""
@@ -175,6 +183,8 @@ def _video_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> 
         model_kwargs={"num_classes": len(classes), "in_chans": 3},
         extra_loaders=extra,
         unit="videos",
+        seed=seed,
+        rank=rank,
     )
 
 
@@ -214,6 +224,8 @@ def _text_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> D
         kind="text",
         model_kwargs={"vocab_size": text.VOCAB_SIZE, "block_size": cfg.seq_len},
         unit=f"windows of {cfg.seq_len} bytes",
+        seed=seed,
+        rank=rank,
     )
 
 
@@ -235,11 +247,12 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
     train_src, val_src = _sources(cfg)
     in_chans = train_src.channels
     out_chans = cfg.in_chans or in_chans
+    mean, std = tuple(cfg.mean or train_src.mean), tuple(cfg.std or train_src.std)
 
     def transform(train: bool) -> ImageTransform:
         return ImageTransform(
-            cfg.img_size, train=train, augment=cfg.augment, hflip=cfg.hflip, mean=cfg.mean or train_src.mean,
-            std=cfg.std or train_src.std, in_chans=in_chans, out_chans=out_chans,
+            cfg.img_size, train=train, augment=cfg.augment, hflip=cfg.hflip, mean=mean, std=std, in_chans=in_chans,
+            out_chans=out_chans,
         )  # fmt: skip
 
     train_set = TransformedDataset(train_src, transform(True), cfg.train_limit)
@@ -256,4 +269,8 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
         val_size=len(val_set),
         model_kwargs={"num_classes": len(train_src.classes), "in_chans": out_chans, "img_size": cfg.img_size},
         extra_loaders=extra,
+        seed=seed,
+        rank=rank,
+        mean=mean,
+        std=std,
     )

@@ -12,7 +12,8 @@ workers.
 Random-resized-crop scale: the Swin/ImageNet recipe crops down to 8% of the image, which at 224 px still
 leaves an object of ~60 px. At 28-32 px an 8% crop is ~9 px of a garment, mostly noise, so small inputs
 (``img_size`` < 64) use a milder (0.35, 1); from 128 px on the recipe's (0.08, 1); in between the lower bound
-moves linearly.
+moves linearly. ``augment="simmim"`` is SimMIM's pre-training crop, (0.67, 1) at every size: masked-image modelling
+needs most of the image to reconstruct the hidden part from.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("standard", "light", "none")
+AUGMENTS = ("standard", "simmim", "light", "none")
 RATIO = (3 / 4, 4 / 3)
+SIMMIM_SCALE = (0.67, 1.0)
 EVAL_CROP_FRACTION = 0.875
 
 
@@ -147,8 +149,9 @@ class ImageTransform:
         if self.is_random and rng is None:
             raise ValueError("a random transform needs rng=random.Random(seed)")
         size = self.img_size
-        if self.augment == "standard":
-            top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], rrc_scale(size), rng)
+        if self.augment in ("standard", "simmim"):
+            scale = SIMMIM_SCALE if self.augment == "simmim" else rrc_scale(size)
+            top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], scale, rng)
             x = resize(img[..., top : top + h, left : left + w], (size, size))
         elif self.augment == "light":
             pad = max(2, min(4, size // 8))

@@ -23,6 +23,8 @@ from swinlab.engine.checkpoint import load_checkpoint
 from swinlab.engine.distributed import DistEnv, process_group
 from swinlab.engine.loop import fit, run_evaluation
 from swinlab.engine.optim import build_optimizers
+from swinlab.models.checkpoints import LoadReport
+from swinlab.models.registry import load_pretrained
 from swinlab.recipe import TrainConfig, from_dict
 from swinlab.tasks import Task, task_class
 
@@ -58,20 +60,75 @@ def _num_classes(cfg: TrainConfig, bundle: DataBundle) -> int:
     return cfg.model.num_classes or bundle.num_classes
 
 
-def build_model(cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, pretrained: str | None) -> nn.Module:
+def _short(names: Sequence[str], shown: int = 4) -> str:
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def describe_load(path: Path, report: Any, model: nn.Module) -> str:
+    """What loading ``model.pretrained`` did, for the start of a run: tensors loaded, a stripped prefix, and every
+    key adapted, dropped, re-initialised or left at its initial value (a fine-tune should be read, not trusted)."""
+    if not isinstance(report, LoadReport):
+        return f"pretrained: loaded {path}"
+    untouched = len(report.missing) + len(report.reinitialised)
+    lines = [f"pretrained: loaded {len(model.state_dict()) - untouched} tensors from {path}"]
+    if report.stripped_prefix:
+        lines[0] += f" (prefix {report.stripped_prefix!r} stripped: a pre-training checkpoint)"
+    for what, names in (
+        ("adapted to this model's size", report.resized),
+        ("dropped (pre-training only)", report.dropped),
+        ("re-initialised (another shape)", report.reinitialised),
+        ("left at their initial values (not in the checkpoint)", report.missing),
+        ("ignored (not in this model)", report.unexpected),
+    ):
+        if names:
+            lines.append(f"  {what}: {_short(names)}")
+    if any("cpb_mlp" in name for name in model.state_dict()):
+        lines.append("  position bias: the continuous-position-bias MLPs load as they are; the bias tables are "
+                     "computed for this model's windows")  # fmt: skip
+    return "\n".join(lines)
+
+
+def build_model(
+    cfg: TrainConfig, bundle: DataBundle, device: torch.device, *, pretrained: str | None, verbose: bool = False
+) -> nn.Module:
     """The model of recipe ``cfg`` for the data bundle ``bundle`` (head size, channels, input size from the data),
-    exactly as :func:`train` builds it; tools that rebuild a run's model (``swinlab erf``) use it too."""
+    exactly as :func:`train` builds it; tools that rebuild a run's model (``swinlab erf``) use it too.
+
+    ``pretrained``: an official or swinlab weight file, a swinlab run's checkpoint, or a run folder (its
+    ``checkpoint.pt``); a SimMIM run gives its encoder. ``verbose`` prints what the load did.
+    """
     import swinlab
 
     data_kwargs = dict(bundle.model_kwargs)
     if "num_classes" in data_kwargs:  # a classifier's head follows the data unless the recipe sets its size
         data_kwargs["num_classes"] = _num_classes(cfg, bundle)
-    model = swinlab.create_model(cfg.model.name, pretrained=pretrained, **{**data_kwargs, **cfg.model.kwargs})
+    model = swinlab.create_model(cfg.model.name, **{**data_kwargs, **cfg.model.kwargs})
+    if pretrained is not None:
+        path = checkpoint_path(pretrained)
+        report = load_pretrained(model, path)
+        if verbose:
+            print(describe_load(path, report, model), flush=True)
     if cfg.model.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise TypeError(f"model {cfg.model.name!r} does not support model.grad_checkpointing")
         model.set_grad_checkpointing(True)
     return model.to(device)
+
+
+def build_run_model(
+    cfg: TrainConfig,
+    bundle: DataBundle,
+    task: Task,
+    device: torch.device,
+    *,
+    pretrained: str | None,
+    verbose: bool = False,
+) -> nn.Module:
+    """The module a run trains and checkpoints: the recipe's model as the task prepares it
+    (:meth:`~swinlab.tasks.Task.prepare_model`, e.g. SimMIM's encoder with its decoder)."""
+    model = build_model(cfg, bundle, device, pretrained=pretrained, verbose=verbose)
+    return task.prepare_model(model).to(device)
 
 
 def _describe(cfg: TrainConfig, model: nn.Module, bundle: DataBundle, env: DistEnv) -> str:
@@ -101,7 +158,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     bundle = _build_data(cfg, env)
     task = build_task(cfg, bundle)
     torch.manual_seed(cfg.seed)  # the initial weights are part of the recipe (and equal on every rank)
-    model = build_model(cfg, bundle, env.device, pretrained=cfg.model.pretrained)
+    model = build_run_model(cfg, bundle, task, env.device, pretrained=cfg.model.pretrained, verbose=env.is_main)
     optimizers = build_optimizers(model, task, cfg.optim)
     model, optimizers, autocast = precision.wrap(model, optimizers, cfg.precision, cfg.fp8)
     if env.is_main:
@@ -139,7 +196,7 @@ def evaluate(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> di
 def _evaluate(cfg: TrainConfig, state_dict: dict[str, Any], env: DistEnv) -> tuple[dict[str, float], list[str]]:
     bundle = _build_data(cfg, env)
     task = build_task(cfg, bundle)
-    model = build_model(cfg, bundle, env.device, pretrained=None)
+    model = build_run_model(cfg, bundle, task, env.device, pretrained=None)
     # Wrap first: a precision (e.g. FP8) may add state of its own that the checkpoint holds.
     model, _, autocast = precision.wrap(model, None, cfg.precision, cfg.fp8)
     model.load_state_dict(state_dict)

@@ -70,11 +70,17 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
     model = _builder(name)(**overrides)
     model.model_spec = {"name": name, "kwargs": dict(overrides)}
     if pretrained is not None:
-        # A family with its own checkpoint layout (e.g. Video Swin's backbone.* / cls_head.*) says how to load it.
-        loader = getattr(model, "load_pretrained", None)
-        if loader is None:
-            from swinlab.models.checkpoints import load_official  # imports safetensors only when needed
-
-            loader = functools.partial(load_official, model)
-        loader(pretrained)
+        load_pretrained(model, pretrained)
     return model
+
+
+def load_pretrained(model: nn.Module, pretrained: str | Path | Any) -> Any:
+    """Load a checkpoint into a built model as ``create_model(pretrained=...)`` does, and return what the loader
+    reports (a :class:`~swinlab.models.checkpoints.LoadReport` for Swin): for callers that show the report."""
+    # A family with its own checkpoint layout (e.g. Video Swin's backbone.* / cls_head.*) says how to load it.
+    loader = getattr(model, "load_pretrained", None)
+    if loader is None:
+        from swinlab.models.checkpoints import load_official  # imports safetensors only when needed
+
+        loader = functools.partial(load_official, model)
+    return loader(pretrained)

@@ -171,6 +171,12 @@ class Task:
         raise NotImplementedError
 
     # -- how it trains ---------------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The module the run trains, evaluates and checkpoints, built around the recipe's model (default: that
+        model). A task that trains parts of its own with it (SimMIM's decoder and mask token) returns a module
+        holding them, so optimizers, DDP, precision and checkpoints see them as the model's."""
+        return model
+
     def optimizers(self, model: nn.Module) -> dict[str, OptimizerSpec]:
         """The optimizers to build, by name (the first is the main one: its rate is the ``lr`` column). Every
         trainable parameter must belong to exactly one."""
