@@ -13,6 +13,9 @@ Beyond the official code:
 * a 1x1 stage works (official: NaN from 0/0 in the CPB coordinate normalisation, see
   :func:`swinlab.layers.position.log_spaced_coords`);
 * multi-scale outputs (``forward_features(x, return_stages=True)`` or ``features_only=True``);
+* SimMIM's masked encoder in the same class: an optional ``mask_token`` (:meth:`SwinTransformerV2.enable_mask_token`)
+  and ``forward_features(x, mask=..., return_map=True)``, on any grid (the official ``SwinTransformerV2ForSimMIM``
+  assumes a square one);
 * ``extra_norm_period`` / ``extra_norm_stage``: the extra main-branch LayerNorms the paper describes for
   SwinV2-H/G (paper only; the official repository has no such code, so these are unverified).
 """
@@ -42,6 +45,8 @@ from swinlab.layers import (
     window_token_index,
 )
 from swinlab.models.registry import register_model
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def _tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
@@ -312,6 +317,9 @@ class SwinTransformerV2(nn.Module):
     Extra keyword-only options: ``features_only`` (``forward`` returns the per-stage maps, no norm/head),
     ``extra_norm_period`` (LayerNorm after every k-th block of each stage) and ``extra_norm_stage`` (LayerNorm
     at the end of every stage) for the paper's H/G models.
+
+    ``mask_token`` is ``None`` (no state-dict key) until :meth:`enable_mask_token` creates it for masked-image
+    modelling; :class:`swinlab.pretrain.simmim.SimMIM` does so.
     """
 
     def __init__(
@@ -347,18 +355,15 @@ class SwinTransformerV2(nn.Module):
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.features_only = features_only
 
-        self.patch_embed = PatchEmbed(
-            self.patch_size, in_chans, embed_dim, norm_layer if patch_norm else None
-        )
+        self.patch_embed = PatchEmbed(self.patch_size, in_chans, embed_dim, norm_layer if patch_norm else None)
         self.patch_grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size, strict=True))
         if ape:
-            self.absolute_pos_embed = nn.Parameter(
-                torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim)
-            )
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         else:
             self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
+        self.register_parameter("mask_token", None)
 
         self.layers = swin_stages(
             SwinBlockV2,
@@ -397,7 +402,18 @@ class SwinTransformerV2(nn.Module):
             layer.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
-        return {"absolute_pos_embed"} if self.absolute_pos_embed is not None else set()
+        names = {"absolute_pos_embed"} if self.absolute_pos_embed is not None else set()
+        return names | ({"mask_token"} if self.mask_token is not None else set())
+
+    def enable_mask_token(self) -> nn.Parameter:
+        """Create (once) the learnable token that replaces masked patch embeddings in masked-image modelling:
+        ``(1, 1, embed_dim)``, truncated normal with std 0.02 as the official ``SwinTransformerV2ForSimMIM``.
+        Optional so that a plain classifier's state dict has no such key."""
+        if self.mask_token is None:
+            weight = self.patch_embed.proj.weight
+            self.mask_token = nn.Parameter(torch.empty(1, 1, self.embed_dim, device=weight.device, dtype=weight.dtype))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        return self.mask_token
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"cpb_mlp", "logit_scale", "relative_position_bias_table"}
@@ -413,9 +429,7 @@ class SwinTransformerV2(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"expected a 4D (B, C, H, W) input, got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"model expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
-            )
+            raise ValueError(f"model expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
         if x.shape[2] < self.patch_size[0] or x.shape[3] < self.patch_size[1]:
             raise ValueError(f"input {tuple(x.shape[2:])} is smaller than one patch {self.patch_size}")
 
@@ -427,17 +441,48 @@ class SwinTransformerV2(nn.Module):
             pos = F.interpolate(pos, size=tuple(grid), mode="bicubic", align_corners=False)
         return pos.movedim(1, -1)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``(B, C, H, W)`` -> token grid ``(B, H/p, W/p, embed_dim)`` (patch embedding, ape,
-        dropout)."""
+    def check_mask(self, mask: torch.Tensor, grid: Sequence[int], batch: int) -> None:
+        """A token mask must be ``(B, *grid)`` (1 = masked), bool / integer / float, and the model must have a
+        mask token: checked before any compute, with the shapes in the message."""
+        if self.mask_token is None:
+            raise ValueError("this model has no mask token: call enable_mask_token() first (SimMIM does)")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if not (mask.dtype in _MASK_DTYPES or mask.dtype.is_floating_point):
+            raise TypeError(f"mask must be a bool, integer or float tensor (1 = masked), got {mask.dtype}")
+        want = (batch, *grid)
+        if tuple(mask.shape) != want:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit the input: expected (B, H/patch, W/patch) = {want}"
+            )
+
+    def apply_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Replace masked tokens of ``(B, H, W, C)`` by the mask token: ``x * (1 - w) + mask_token * w`` (the
+        official blend, so a fractional mask behaves as there too)."""
+        w = mask.unsqueeze(-1).to(x.dtype)
+        return x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Image ``(B, C, H, W)`` -> token grid ``(B, H/p, W/p, embed_dim)``: patch embedding (incl. its norm),
+        then masked tokens replaced (if ``mask``, see :meth:`apply_mask`), ape, dropout."""
         self._check_input(x)
+        if mask is not None:
+            grid = tuple(-(-s // p) for s, p in zip(x.shape[2:], self.patch_size, strict=True))
+            self.check_mask(mask, grid, x.shape[0])
         x = self.patch_embed(x)
+        if mask is not None:
+            x = self.apply_mask(x, mask)
         if self.absolute_pos_embed is not None:
             x = x + self._position_embedding(x.shape[1:3])
         return self.pos_drop(x)
 
     def forward_features(
-        self, x: torch.Tensor, return_stages: bool = False
+        self,
+        x: torch.Tensor,
+        return_stages: bool = False,
+        *,
+        mask: torch.Tensor | None = None,
+        return_map: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Pooled features ``(B, num_features)`` (final norm, mean over tokens), as the official
         ``forward_features``.
@@ -445,10 +490,14 @@ class SwinTransformerV2(nn.Module):
         With ``return_stages=True``: a list with one ``(B, C_i, H_i, W_i)`` map per stage, the output of that
         stage's blocks *before* its downsample (strides 4, 8, 16, 32 for patch 4), without the final norm —
         the maps a detection / segmentation neck consumes.
+
+        ``mask`` ``(B, H/p, W/p)``, 1 = masked: masked patch embeddings become the mask token (SimMIM).
+        ``return_map=True``: the final-norm token map ``(B, num_features, H_last, W_last)`` instead of its mean
+        (what SimMIM's decoder reads; a channels-last view, no copy).
         """
         if torch.compiler.is_compiling():
             self._build_window_tables(x)
-        x = self.embed(x)
+        x = self.embed(x, mask)
         stages = []
         for layer in self.layers:
             x = layer.run_blocks(x)
@@ -458,7 +507,8 @@ class SwinTransformerV2(nn.Module):
                 x = layer.downsample(x)
         if return_stages:
             return stages
-        return self.norm(x).flatten(1, 2).mean(1)
+        x = self.norm(x)
+        return x.permute(0, 3, 1, 2) if return_map else x.flatten(1, 2).mean(1)
 
     @torch.compiler.disable
     def _build_window_tables(self, x: torch.Tensor) -> None:
