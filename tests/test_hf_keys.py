@@ -12,6 +12,7 @@ import torch
 from swinlab.models.checkpoints import load_official
 from swinlab.models.hf_keys import hf_config_to_kwargs, hf_key_to_official, hf_to_official, is_hf_swinv2
 from swinlab.models.swin import SwinTransformerV2
+from swinlab.pretrain.simmim import SimMIM
 
 transformers = pytest.importorskip("transformers")
 
@@ -198,3 +199,26 @@ def test_masked_image_modeling_weights_fine_tune_a_bare_encoder():
         last = model.forward_features(x, return_stages=True)[-1]
         tokens = model.norm(last.permute(0, 2, 3, 1)).flatten(1, 2)
     torch.testing.assert_close(tokens, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["default", "window8_pretrained"])
+def test_masked_image_modeling_matches_transformers(name):
+    """transformers' Swinv2ForMaskedImageModeling -> swinlab's SimMIM: same reconstruction and loss for the same
+    mask (transformers takes it flattened ``(B, N)``, SimMIM as ``(B, H/p, W/p)``; both 1 = masked)."""
+    overrides = dict(CASES[name])
+    config = _mim_config(**overrides) if name == "default" else _config(encoder_stride=16, **overrides)
+    hf = _mim(config)
+    model = SimMIM.from_official(hf_config_to_kwargs(config), {"encoder_stride": config.encoder_stride})
+    load_official(model.eval(), hf.state_dict(), strict=True)
+    x = _image(config)
+    grid = config.image_size // config.patch_size
+    mask = torch.rand(x.shape[0], grid, grid, generator=torch.Generator().manual_seed(2)) < 0.6
+    with torch.no_grad():
+        out = hf(x, bool_masked_pos=mask.flatten(1))
+        reconstruction = model.reconstruct(x, mask.long())
+        loss = model(x, mask.long())
+    assert out.reconstruction.abs().max() > 0.1
+    torch.testing.assert_close(reconstruction, out.reconstruction, atol=ATOL, rtol=0)
+    torch.testing.assert_close(loss, out.loss, atol=0, rtol=1e-5)
+    # the mask matters: without it (transformers: no bool_masked_pos) the reconstruction differs
+    assert (model.reconstruct(x, torch.zeros_like(mask, dtype=torch.long)) - reconstruction).abs().max() > 1e-2
