@@ -20,6 +20,7 @@ TASKS: dict[str, str] = {
     "classification": "swinlab.tasks.classification:ClassificationTask",
     "video_classification": "swinlab.tasks.classification:VideoClassificationTask",
     "language_model": "swinlab.tasks.language_model:LanguageModelTask",
+    "simmim": "swinlab.tasks.simmim:SimMIMTask",
 }
 
 
