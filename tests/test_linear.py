@@ -71,6 +71,16 @@ def test_in_place_update_of_the_output_keeps_gradients_right():
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
 
+def test_output_of_an_nd_input_is_not_an_autograd_view():
+    """An in-place add on the N-D output (the V2 q/v bias) must not become a CopySlices of the 2D product, whose
+    backward clones the whole gradient twice."""
+    layer = Linear(8, 6, bias=False)
+    y = layer(torch.randn(2, 3, 4, 8))
+    y += torch.randn(6, requires_grad=True)
+    assert y.grad_fn.name() == "AddBackward0"
+    assert not y._is_view()
+
+
 def test_state_dict_and_init_are_nn_linears():
     layer = Linear(4, 3)
     assert isinstance(layer, nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
