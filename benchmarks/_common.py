@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: the timing protocol, machine-load accounting, the GEMM peak, the
 training-step optimizer, running a measurement in a subprocess of another interpreter, and what ``bench_swin.py``
-and ``bench_video_swin.py`` share: their worker processes, the rounds of rows, the results table and the ratio
-lines, the official-to-torchvision key mapping.
+``bench_video_swin.py`` and ``bench_simmim.py`` share: their worker processes, the rounds of rows, the results table
+and the ratio lines, the machine line, the official-to-torchvision key mapping.
 
 Why subprocesses: every (implementation, mode) pair gets its own process, so its peak RSS is its own, and peers that
 need another torch (timm / torchvision beside torch 2.14.1) run from their own venv.
@@ -64,20 +64,29 @@ def measure_steps(step: Callable[[], None], warmup: int, iters: int) -> dict:
     }
 
 
-def save_shared_weights(model_name: str, path, key: str) -> None:
-    """Save a seeded ``model_name``'s state dict (under ``key``, the official checkpoint's) with non-trivial norm
-    weights, so that a wrong key or layout mapping in a peer cannot pass the same-logits check."""
+def perturb_norms(model: nn.Module) -> nn.Module:
+    """Give every norm parameter of ``model`` a non-trivial value (weights 1 ± 0.1, biases ± 0.05, from torch's
+    global RNG), so that a wrong key or layout mapping in a peer cannot pass the same-outputs check."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
+    return model
+
+
+def save_shared_weights(model: str | nn.Module, path, key: str) -> None:
+    """Save the state dict (under ``key``, the official checkpoint's) of ``model`` — a registered name, created
+    under torch's seed 0, or a module its caller seeded — after :func:`perturb_norms`."""
     import torch
 
     from swinlab import create_model
 
-    torch.manual_seed(0)
-    reference = create_model(model_name)
-    with torch.no_grad():
-        for name, p in reference.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.05 * torch.randn_like(p))
-    torch.save({key: reference.state_dict()}, path)
+    if isinstance(model, str):
+        torch.manual_seed(0)
+        model = create_model(model)
+    torch.save({key: perturb_norms(model).state_dict()}, path)
 
 
 def autocast(precision: str):
@@ -91,21 +100,33 @@ def autocast(precision: str):
 
 
 def make_step(
-    model, x, mode: str, impl: str, optimizer: str, num_classes: int, precision: str = "fp32"
+    model,
+    x,
+    mode: str,
+    impl: str,
+    optimizer: str,
+    num_classes: int,
+    precision: str = "fp32",
+    criterion: Callable[[object], torch.Tensor] | None = None,
 ) -> Callable[[], None]:
-    """One inference forward (``mode="infer"``) or one training step (cross entropy, backward, ``optimizer``
-    kind as :func:`make_optimizer`) of ``model`` on ``x`` under ``precision``, as a zero-argument callable."""
+    """One inference forward (``mode="infer"``) or one training step (loss, backward, ``optimizer`` kind as
+    :func:`make_optimizer`) of ``model`` on ``x`` under ``precision``, as a zero-argument callable. The loss is
+    ``criterion(model(x))``, by default the cross entropy against random labels of ``num_classes``."""
     import torch
 
     if mode == "infer":
         return infer_step(model, x, precision)
     model.train()
     opt = make_optimizer(model, impl, optimizer)
-    y = torch.randint(0, num_classes, (x.shape[0],))
+    if criterion is None:
+        y = torch.randint(0, num_classes, (x.shape[0],))
+
+        def criterion(logits: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(logits.float(), y)
 
     def train() -> None:
         with autocast(precision):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss = criterion(model(x))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -126,10 +147,11 @@ def infer_step(model: nn.Module, x: torch.Tensor, precision: str = "fp32") -> Ca
     return infer
 
 
-def run_mode(model, x, args, num_classes: int, unit: str) -> dict | None:
+def run_mode(model, x, args, num_classes: int, unit: str, criterion=None) -> dict | None:
     """The worker side of one (implementation, mode) measurement on input ``x``: ``check`` saves the eval outputs
     for ``args.input`` to ``args.output`` (returns None), ``flops`` counts one sample's forward, ``infer`` / ``train``
-    time steps (the first step is timed apart: it compiles compiled variants). Rates are ``<unit>s_per_s``."""
+    time steps (the first step is timed apart: it compiles compiled variants; ``criterion`` as :func:`make_step`).
+    Rates are ``<unit>s_per_s``."""
     import torch
 
     use_allocator(args.allocator)
@@ -145,7 +167,7 @@ def run_mode(model, x, args, num_classes: int, unit: str) -> dict | None:
         with torch.no_grad(), flop_counter() as counter:
             model(x[:1])
         return {f"flops_per_{unit}": counter.get_total_flops()}
-    step = make_step(model, x, args.mode, args.impl, args.optimizer, num_classes, args.precision)
+    step = make_step(model, x, args.mode, args.impl, args.optimizer, num_classes, args.precision, criterion)
     t0 = time.perf_counter()
     step()
     first_step = time.perf_counter() - t0
@@ -340,43 +362,80 @@ def worker(
     sample: Sequence[int],
     num_classes: int,
     unit: str,
+    criterion: Callable[[object], torch.Tensor] | None = None,
 ) -> None:
     """The worker side of :func:`run_worker`: ``build(args.impl, args.weights)``, a seeded random batch of
-    ``args.batch`` samples of shape ``sample``, then :func:`run_mode`; prints the result as one JSON line."""
+    ``args.batch`` samples of shape ``sample``, then :func:`run_mode` (``criterion`` as :func:`make_step`); prints
+    the result as one JSON line."""
     import torch
 
     setup_worker(args.threads)
     model = build(args.impl, args.weights)
     x = torch.randn(args.batch, *sample)
-    measured = run_mode(model, x, args, num_classes=num_classes, unit=unit)
+    measured = run_mode(model, x, args, num_classes=num_classes, unit=unit, criterion=criterion)
     if measured is not None:
         print(json.dumps({"impl": args.impl, "mode": args.mode, "torch": torch.__version__, **measured}))
 
 
-def shared_inputs(model_name: str, key: str, shape: Sequence[int], prefix: str) -> Path:
-    """A fresh temporary folder holding ``weights.pt`` (:func:`save_shared_weights`) and ``input.pt``, a random
-    tensor of ``shape``: the full batch, so a compiled model's check and timing runs share one graph (and
-    inductor's on-disk cache)."""
+def shared_inputs(model: str | nn.Module, key: str, shape: Sequence[int], prefix: str) -> Path:
+    """A fresh temporary folder holding ``weights.pt`` (:func:`save_shared_weights` of ``model``) and
+    ``input.pt``, a random tensor of ``shape``: the full batch, so a compiled model's check and timing runs share
+    one graph (and inductor's on-disk cache)."""
     import torch
 
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    save_shared_weights(model_name, tmp / "weights.pt", key=key)
+    save_shared_weights(model, tmp / "weights.pt", key=key)
     torch.save(torch.randn(*shape), tmp / "input.pt")
     return tmp
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+"""The ``/proc/cpuinfo`` flags :func:`machine_line` reports: the ones that decide which CPU kernels run."""
+
+
+def machine_line() -> str:
+    """This machine in one line: CPU model name, ``/proc/cpuinfo`` family / model, online CPUs, the
+    :data:`SIMD_FLAGS` it has, torch's CPU capability (``/proc/cpuinfo`` missing: the platform's processor)."""
+    import platform
+
+    import torch
+
+    info: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if not line.strip():
+                break  # the first processor's block is enough
+            info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    name = info.get("model name") or platform.processor() or platform.machine()
+    simd = " ".join(f for f in SIMD_FLAGS if f in flags) or "none of " + "/".join(SIMD_FLAGS)
+    return (
+        f"machine: {name}, family {info.get('cpu family', '?')} model {info.get('model', '?')}, "
+        f"{os.cpu_count()} CPUs, flags {simd}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+
+
 def report_gemm_peak(threads: int) -> dict[str, float]:
-    """:func:`gemm_peak`, printed as it is measured."""
+    """The :func:`machine_line`, then :func:`gemm_peak`, printed as it is measured."""
+    print(machine_line(), flush=True)
     print(f"fp32 GEMM peak ({threads} threads): ", end="", flush=True)
     peaks = gemm_peak(threads)
     print(", ".join(f"{name} {value:.0f}" for name, value in peaks.items()) + " GFLOP/s", flush=True)
     return peaks
 
 
-def check_logits(run: Run, impls: Sequence[Impl], tmp: Path) -> dict[str, float]:
-    """Every implementation's eval logits on ``tmp/input.pt`` (worker mode ``check``), as the largest absolute
-    difference to those of the first implementation whose check ran, by :func:`venv_label`."""
+def check_logits(run: Run, impls: Sequence[Impl], tmp: Path, compare: Callable | None = None) -> dict:
+    """Every implementation's eval outputs on ``tmp/input.pt`` (worker mode ``check``), compared with those of
+    the first implementation whose check ran, by :func:`venv_label`: ``compare(outputs, first)``, by default the
+    largest absolute difference of two tensors (logits)."""
     import torch
+
+    if compare is None:
+
+        def compare(out: torch.Tensor, base: torch.Tensor) -> float:
+            return float((out - base).abs().max())
 
     outputs = {}
     for python, impl in impls:
@@ -385,7 +444,7 @@ def check_logits(run: Run, impls: Sequence[Impl], tmp: Path) -> dict[str, float]
         if out.exists():
             outputs[venv_label(python, impl)] = torch.load(out, weights_only=True)
     base = next(iter(outputs.values()))
-    return {label: float((o - base).abs().max()) for label, o in outputs.items()}
+    return {label: compare(o, base) for label, o in outputs.items()}
 
 
 def run_rounds(run: Run, impls: Sequence[Impl], modes: Sequence[str], rounds: int) -> list[dict]:
