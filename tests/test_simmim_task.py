@@ -18,9 +18,9 @@ from swinlab.data import transforms as transforms_module
 from swinlab.engine import build_model, build_run_model, build_task, evaluate, load_checkpoint, run_evaluation, train
 from swinlab.engine.optim import swin_layer_ids
 from swinlab.models.swin import SwinTransformerV2
-from swinlab.pretrain.simmim import SimMIM
+from swinlab.pretrain.simmim import MaskGenerator, SimMIM, upsample_mask
 from swinlab.recipe import TrainConfig, load_config
-from swinlab.tasks.simmim import SimMIMConfig, SimMIMTask
+from swinlab.tasks.simmim import SimMIMConfig, SimMIMTask, reconstruction_rows, save_picture_grid
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Two stages of patch 4 on 32 px: an 8x8 token grid, output stride 8; mask cells of 8 px: 16 per image, 10 masked.
@@ -200,3 +200,24 @@ def test_simmim_crop_keeps_two_thirds_of_the_image(monkeypatch):
 def test_pretraining_recipes_name_the_task(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.task.name == "simmim" and cfg.data.augment == "simmim"
+
+
+@pytest.mark.parametrize("norm_target", [False, True])
+def test_reconstruction_rows_are_pictures_in_the_space_of_the_loss(tmp_path, norm_target):
+    encoder = SwinTransformerV2(img_size=32, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4,
+                                num_classes=0)  # fmt: skip
+    model = SimMIM(encoder, encoder_stride=8, norm_target=norm_target, norm_target_window=7).eval()
+    images = torch.randn(2, 3, 32, 32)
+    mask = MaskGenerator(32, 8, 4, 0.6)(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rows = reconstruction_rows(model, images, mask, mean=(0.5, 0.4, 0.3), std=(0.25, 0.25, 0.25))
+    assert len(rows) == 4 and all(row.shape == (2, 3, 32, 32) and 0 <= row.min() <= row.max() <= 1 for row in rows)
+    hidden = upsample_mask(mask, 4).bool()  # (2, 32, 32) pixels
+    channels_last = [row.permute(1, 0, 2, 3) for row in rows]  # (3, 2, 32, 32): index with the pixel mask
+    assert (channels_last[1][:, hidden] == 0.5).all()  # masked input: grey where hidden
+    torch.testing.assert_close(channels_last[1][:, ~hidden], channels_last[0][:, ~hidden])
+    torch.testing.assert_close(channels_last[2][:, ~hidden], channels_last[3][:, ~hidden])  # prediction only hidden
+    assert not torch.allclose(channels_last[2][:, hidden], channels_last[3][:, hidden])
+    save_picture_grid(rows, tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as picture:
+        assert picture.mode == "RGB" and picture.size == (2 * 96 + 2, 4 * 96 + 3 * 2)
