@@ -173,3 +173,13 @@ def test_lr_mult_scales_the_scheduled_rate_of_matching_parameters(tmp_path):
     fit(model, ClassificationTask(), optimizer, train, val, cfg)
     rates = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
     assert rates == pytest.approx({1.0: 0.05, 10.0: 0.5})
+
+
+def test_step_logs_land_on_multiples_of_log_every_across_epochs(tmp_path, monkeypatch):
+    """8 steps an epoch, log_every=3: steps 3, 6, 9, 12, 15 (not restarted per epoch: 3, 6, 11, 14)."""
+    from swinlab.engine.runlog import RunLog
+
+    logged = []
+    monkeypatch.setattr(RunLog, "log_step", lambda self, step, scalars: logged.append(step))
+    run_tiny(tiny_config(tmp_path, epochs=2, log_every=3), batch_size=8)
+    assert logged == [3, 6, 9, 12, 15]

@@ -320,7 +320,7 @@ class _Fit:
                 stats.lrs = {name: slot.schedule.lr_at(self.state.step) for name, slot in self.slots.items()}
                 self.state.step += 1
                 stats.steps += 1
-                if stats.steps % max(self.cfg.log_every, 1) == 0 and n > 0:
+                if self.state.step % max(self.cfg.log_every, 1) == 0 and n > 0:
                     self._log_step(bar, logs, stats.lrs)
         bar.close()
         return stats
