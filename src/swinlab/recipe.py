@@ -107,9 +107,7 @@ class TrainConfig:
             object.__setattr__(self, "task", task_section({"name": self.task.name}))
 
 
-MOVED_KEYS = {
-    key: f"task.{key}" for key in ("label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")
-}
+MOVED_KEYS = {key: f"task.{key}" for key in ("label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob")}
 """Keys that left the top level for their task's section (an old recipe is told where they went)."""
 
 

@@ -235,8 +235,7 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
     ``(float32 NCHW normalised, int64 labels)``; unreadable samples are dropped, so a batch may be short."""
     if cfg.batch_size < 1 or (cfg.eval_batch_size is not None and cfg.eval_batch_size < 1):
         raise ValueError(
-            f"batch sizes must be >= 1, got batch_size={cfg.batch_size}, "
-            f"eval_batch_size={cfg.eval_batch_size}"
+            f"batch sizes must be >= 1, got batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}"
         )
     if cfg.num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")

@@ -34,9 +34,7 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name} from a CIFAR batch (only numpy arrays)"
-        )
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch (only numpy arrays)")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -63,9 +61,7 @@ def _resolve(root: Path, folder: str, meta_file: str) -> Path:
     for candidate in (root, root / folder):
         if (candidate / meta_file).is_file():
             return candidate
-    raise FileNotFoundError(
-        f"no {folder} found at {root} (pass the extracted folder or the folder that holds it)"
-    )
+    raise FileNotFoundError(f"no {folder} found at {root} (pass the extracted folder or the folder that holds it)")
 
 
 class CIFAR(ArrayDataset):

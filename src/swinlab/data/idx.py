@@ -59,9 +59,7 @@ def read_idx(path: str | Path) -> np.ndarray:
                 break
             got += n
         if got < view.nbytes:
-            raise ValueError(
-                f"{path}: truncated IDX file: header {shape} needs {view.nbytes} data bytes, got {got}"
-            )
+            raise ValueError(f"{path}: truncated IDX file: header {shape} needs {view.nbytes} data bytes, got {got}")
         if f.read(1):
             raise ValueError(f"{path}: IDX file has data beyond the {shape} its header declares")
     if dtype.itemsize > 1 and np.little_endian:
@@ -92,9 +90,7 @@ def _find(root: Path, stem: str) -> Path:
         for name in (stem + ".gz", stem):
             if (folder / name).is_file():
                 return folder / name
-    raise FileNotFoundError(
-        f"{stem}(.gz) not found in {root} (nor in its FashionMNIST/raw or raw subfolders)"
-    )
+    raise FileNotFoundError(f"{stem}(.gz) not found in {root} (nor in its FashionMNIST/raw or raw subfolders)")
 
 
 class FashionMNIST(ArrayDataset):
@@ -119,7 +115,6 @@ class FashionMNIST(ArrayDataset):
             raise ValueError(f"{labels_path}: expected 1-D labels, got shape {labels.shape}")
         if len(images) != len(labels):
             raise ValueError(
-                f"count mismatch: {len(images)} images in {images_path} but {len(labels)} labels "
-                f"in {labels_path}"
+                f"count mismatch: {len(images)} images in {images_path} but {len(labels)} labels in {labels_path}"
             )
         super().__init__(images[:, None], labels, classes or FASHION_MNIST_CLASSES)

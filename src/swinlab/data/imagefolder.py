@@ -45,9 +45,7 @@ class ImageFolder(torch.utils.data.Dataset):
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
         ]
         if not self.samples:
-            raise FileNotFoundError(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {root}"
-            )
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under {root}")
         self.root = root
         self.classes = list(classes)
         self.channels = channels

@@ -40,12 +40,8 @@ def make_subset(source: Path, out: Path, train_per_class: int, test_per_class: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m swinlab.data.make_embedded", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--source", required=True, type=Path, help="folder with the full Fashion-MNIST IDX files"
-    )
+    parser = argparse.ArgumentParser(prog="python -m swinlab.data.make_embedded", description=__doc__.split("\n")[0])
+    parser.add_argument("--source", required=True, type=Path, help="folder with the full Fashion-MNIST IDX files")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "embedded")
     parser.add_argument("--train-per-class", type=int, default=1200)
     parser.add_argument("--test-per-class", type=int, default=200)

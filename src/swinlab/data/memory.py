@@ -19,9 +19,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise ValueError(
-                f"labels span [{labels.min()}, {labels.max()}] but there are {len(classes)} classes"
-            )
+            raise ValueError(f"labels span [{labels.min()}, {labels.max()}] but there are {len(classes)} classes")
         self.images = torch.from_numpy(images)
         self.labels = labels
         self.classes = list(classes)

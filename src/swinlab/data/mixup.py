@@ -47,9 +47,7 @@ class Mixup:
         num_classes: int = 1000,
     ) -> None:
         if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(
-                f"alphas must be >= 0, got mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}"
-            )
+            raise ValueError(f"alphas must be >= 0, got mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}")
         for name, p in (("prob", prob), ("switch_prob", switch_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -74,9 +72,7 @@ class Mixup:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim < 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(
-                f"expected x (N, ..., H, W) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}"
-            )
+            raise ValueError(f"expected x (N, ..., H, W) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
         targets = smooth_one_hot(y.long(), self.num_classes, self.label_smoothing)
         lam, use_cutmix = self._sample()
         if lam >= 1.0:

@@ -68,9 +68,7 @@ def _import_av():
     try:
         import av
     except ImportError:
-        raise ImportError(
-            "reading video files needs PyAV: pip install swinlab[video]  (or pip install av)"
-        ) from None
+        raise ImportError("reading video files needs PyAV: pip install swinlab[video]  (or pip install av)") from None
     return av
 
 
@@ -520,7 +518,6 @@ class VideoClips(Dataset):
         views = [self.transform(frames[[position[i] for i in clip]], rng) for clip in clips]
         label = self.source.label(index)
         return (views[0], label) if self.transform.train else (torch.cat(views), label)
-
 
 
 # -- from a DataConfig ----------------------------------------------------------------------------------------

@@ -45,9 +45,7 @@ def _shape_mask(kind: int, side: int) -> np.ndarray:
     return (np.abs(yy) <= side / 6) | (np.abs(xx) <= side / 6)
 
 
-def motion_video(
-    rng: np.random.Generator, label: int, num_frames: int = 24, size: int = 32
-) -> torch.Tensor:
+def motion_video(rng: np.random.Generator, label: int, num_frames: int = 24, size: int = 32) -> torch.Tensor:
     """One video of class ``label`` (index into :data:`MOTION_CLASSES`): uint8 ``(num_frames, 3, size, size)``."""
     dy, dx = _STEP[MOTION_CLASSES[label]]
     speed = rng.uniform(0.75, 1.5)  # pixels per frame

@@ -101,8 +101,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if state.get("version") != VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {state.get('version')!r}, this swinlab reads version {VERSION}"
-            + (" (written by swinlab 0.1, whose config had no task section: start a new run folder, or evaluate it "
-               "with swinlab 0.1)" if state.get("version") == 1 else "")
+            + (
+                " (written by swinlab 0.1, whose config had no task section: start a new run folder, or evaluate it "
+                "with swinlab 0.1)"
+                if state.get("version") == 1
+                else ""
+            )
         )
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:

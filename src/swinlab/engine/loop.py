@@ -207,9 +207,7 @@ class _Fit:
             )
             for name, (opt, config) in named.items()
         }
-        self.stepper = Stepper(
-            self.model, self.plain, self.slots, clip_grad=cfg.clip_grad, env=env, autocast=autocast
-        )
+        self.stepper = Stepper(self.model, self.plain, self.slots, clip_grad=cfg.clip_grad, env=env, autocast=autocast)
         self.state = RunState()
 
     # -- top level -------------------------------------------------------------------------------------------
@@ -418,9 +416,7 @@ class _Fit:
             ) from e
         self.task.load_state_dict(ckpt["task"])
         ckpt_io.set_rng_state(ckpt["rng"])
-        self.state = RunState(
-            epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], history=list(ckpt["history"])
-        )
+        self.state = RunState(epoch=ckpt["epoch"], step=ckpt["step"], best=ckpt["best"], history=list(ckpt["history"]))
         self._say(f"resumed from {path} after epoch {self.state.epoch} (step {self.state.step})")
         if differences:
             self._say(f"with the recipe's new values (resume=force): {'; '.join(differences)}")

@@ -36,9 +36,7 @@ class LRSchedule:
         if self.kind == "multistep" and not self.milestones:
             raise ValueError("the multistep schedule needs milestones (optim.milestones, in epochs)")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
-                f"warmup_steps={self.warmup_steps} must be between 0 and total_steps={self.total_steps}"
-            )
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be between 0 and total_steps={self.total_steps}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for the optimizer update with 0-based index ``step``."""
