@@ -128,8 +128,10 @@ def test_linear_gelu_fused_inference_equals_gelu_of_linear(approximate):
 
 def test_backend_policy_follows_the_measurements_per_cpu_vendor():
     assert linear_module.onednn_policy("auto", "GenuineIntel", "AVX512") == (False, False)  # MKL wins on Intel
-    assert linear_module.onednn_policy("auto", "AuthenticAMD", "AVX512") == (True, True)
-    assert linear_module.onednn_policy("auto", "AuthenticAMD", "AVX2") == (True, False)  # wgrad faster on MKL
+    assert linear_module.onednn_policy("auto", "AuthenticAMD", "AVX512", 26) == (True, True)  # Zen 5
+    assert linear_module.onednn_policy("auto", "AuthenticAMD", "AVX512", 25) == (True, False)  # Zen 4: 256-bit units
+    assert linear_module.onednn_policy("auto", "AuthenticAMD", "AVX2", 23) == (True, False)  # wgrad faster on MKL
     assert linear_module.onednn_policy("1", "GenuineIntel", "AVX2") == (True, True)
     assert linear_module.onednn_policy("0", "AuthenticAMD", "AVX512") == (False, False)
     assert linear_module.cpu_vendor()  # read from this machine
+    assert linear_module.cpu_family() >= 0

@@ -8,9 +8,12 @@ AVX-512 one (EPYC Zen 5, 2 threads) MKL runs a 2048x2048x2048 GEMM at 143-181 GF
 GFLOP/s; SwinV2-T's own linear shapes gain 1.3-2.4x forward, input- and weight-gradient alike. On an AVX2 CPU (Zen
 2) the peaks are close (MKL 115-121, oneDNN 129-147 GFLOP/s): oneDNN still wins the forward and input-gradient GEMMs
 of SwinV2-T's shapes (1.1-1.4x, one 0.8x) but loses the weight gradient (0.66-0.98x), so there the weight gradient
-stays on MKL (``benchmarks/RESULTS.md``). Results stay fp32 (relative error vs float64 5.7e-7, MKL 2.5e-7); they
-differ from MKL's only in summation order. The op is internal to torch; a build without it runs everything through
-``F.linear``.
+stays on MKL. Zen 4 (family 25) runs AVX-512 on 256-bit units, so oneDNN's AVX-512 kernels have no wider datapath
+than MKL's AVX2 ones: the weight gradient, whose oneDNN form needs a transposed copy of an activation, is faster on
+MKL there too (SwinV2-T and SimMIM training steps 1.05x with it on MKL, 2 threads); oneDNN takes it only on AMD
+family 26 (Zen 5) and later (``benchmarks/RESULTS.md``). Results stay fp32 (relative error vs float64 5.7e-7, MKL
+2.5e-7); they differ from MKL's only in summation order. The op is internal to torch; a build without it runs
+everything through ``F.linear``.
 
 Everything outside that case (Intel CPUs, CUDA, other dtypes, autocast, ``torch.compile``, inputs oneDNN does not
 take, a build without oneDNN) goes to ``F.linear`` unchanged. ``SWINLAB_ONEDNN_LINEAR`` in the environment chooses:
@@ -37,28 +40,41 @@ if _CHOICE not in ("auto", "0", "1"):
     raise ValueError(f"SWINLAB_ONEDNN_LINEAR must be auto, 1 or 0, got {_CHOICE!r}")
 
 
-def cpu_vendor() -> str:
-    """``GenuineIntel``, ``AuthenticAMD``, ... (``/proc/cpuinfo``'s ``vendor_id`` on Linux, else the platform's)."""
+def _cpuinfo_field(name: str) -> str | None:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("vendor_id"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return None
 
 
-def onednn_policy(choice: str, vendor: str, capability: str) -> tuple[bool, bool]:
+def cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... (``/proc/cpuinfo``'s ``vendor_id`` on Linux, else the platform's)."""
+    return _cpuinfo_field("vendor_id") or platform.processor()
+
+
+def cpu_family() -> int:
+    """``/proc/cpuinfo``'s ``cpu family`` (AMD: 23 Zen 1-2, 25 Zen 3-4, 26 Zen 5); 0 where unknown."""
+    family = _cpuinfo_field("cpu family")
+    return int(family) if family and family.isdigit() else 0
+
+
+def onednn_policy(choice: str, vendor: str, capability: str, family: int = 0) -> tuple[bool, bool]:
     """``(forward and input gradient on oneDNN, weight gradient too)`` for ``SWINLAB_ONEDNN_LINEAR=choice`` on a CPU
-    of this vendor and ``torch.backends.cpu.get_cpu_capability()``: measured, MKL wins everything on Intel, oneDNN
-    wins on AMD except the weight gradient without AVX-512."""
+    of this vendor, ``torch.backends.cpu.get_cpu_capability()`` and family: measured, MKL wins everything on Intel;
+    on AMD oneDNN wins the forward and input gradient, and the weight gradient only with full-width AVX-512 (Zen 5,
+    family 26 on)."""
     if choice != "auto":
         return choice == "1", choice == "1"
     if vendor == "GenuineIntel":
         return False, False
+    if vendor == "AuthenticAMD":
+        return True, capability.startswith("AVX512") and family >= 26
     return True, capability.startswith("AVX512")
 
 
-_POLICY = onednn_policy(_CHOICE, cpu_vendor(), torch.backends.cpu.get_cpu_capability())
+_POLICY = onednn_policy(_CHOICE, cpu_vendor(), torch.backends.cpu.get_cpu_capability(), cpu_family())
 ONEDNN_LINEAR = ONEDNN_AVAILABLE and _POLICY[0]
 """Whether fp32 CPU linears run their forward and input gradient through oneDNN (decided once at import)."""
 ONEDNN_WEIGHT_GRAD = ONEDNN_AVAILABLE and _POLICY[1]
