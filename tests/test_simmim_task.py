@@ -221,3 +221,14 @@ def test_reconstruction_rows_are_pictures_in_the_space_of_the_loss(tmp_path, nor
     save_picture_grid(rows, tmp_path / "grid.png")
     with Image.open(tmp_path / "grid.png") as picture:
         assert picture.mode == "RGB" and picture.size == (2 * 96 + 2, 4 * 96 + 3 * 2)
+
+
+def test_a_pretraining_run_is_a_source_for_run_inspection(pretrained_run):
+    """``swinlab erf <run>`` on a SimMIM run probes its encoder (the recipe's model with the trained weights)."""
+    from swinlab.engine.runs import load_source
+
+    ckpt = load_checkpoint(pretrained_run / "checkpoint.pt")["model"]
+    source = load_source(str(pretrained_run))
+    for name, value in source.model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, ckpt[f"encoder.{name}"]), name

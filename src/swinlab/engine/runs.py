@@ -18,6 +18,7 @@ from swinlab import data
 from swinlab.config import DataConfig
 from swinlab.engine.checkpoint import load_checkpoint
 from swinlab.engine.trainer import build_model, checkpoint_path, config_from_checkpoint
+from swinlab.models.checkpoints import load_official
 from swinlab.models.registry import create_model
 
 INPUTS = ("data", "noise")
@@ -43,13 +44,23 @@ def load_source(source: str, img_size: int | None = None, pretrained: str | None
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, img_size=img_size))
         bundle = data.build(dataclasses.replace(cfg.data, val_limit=1), seed=cfg.seed)
         model = build_model(cfg, bundle, torch.device("cpu"), pretrained=None)
-        model.load_state_dict(ckpt["model"])
+        state = ckpt["model"]
+        if _is_pretraining_run(state, model):
+            load_official(model, state)  # e.g. SimMIM: its encoder, prefix stripped, decoder dropped
+        else:
+            model.load_state_dict(state)
         return ModelSource(label=str(source), model=model.eval(), data=cfg.data)
     model = create_model(source, pretrained=pretrained, **({"img_size": img_size} if img_size else {}))
     size = img_size or getattr(model, "img_size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else size
     cfg = DataConfig(name="fashion_mnist_embedded", img_size=size, in_chans=getattr(model, "in_chans", 3))
     return ModelSource(label=source, model=model.eval(), data=cfg)
+
+
+def _is_pretraining_run(state: dict, model: nn.Module) -> bool:
+    """The run trained a wrapper around the recipe's model (keys ``encoder.*``) that the model itself lacks."""
+    wrapped = any(k.startswith("encoder.") for k in state)
+    return wrapped and not any(k.startswith("encoder.") for k in model.state_dict())
 
 
 def probe_inputs(source: ModelSource, kind: str = "data", batch: int = 32, seed: int = 0) -> torch.Tensor:
