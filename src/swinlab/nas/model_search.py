@@ -1,0 +1,178 @@
+"""The DARTS search super-net: every edge of the cell mixes all candidate operations by softmax(α).
+
+α is kept as two buffers, ``alphas_normal`` and ``alphas_reduce`` (leaf tensors with ``requires_grad``):
+
+* out of ``parameters()``, as in the official code, so ``SGD(model.parameters())`` trains the weights only and
+  :class:`~swinlab.nas.architect.Architect` owns α;
+* in ``state_dict()``, so a checkpoint of the super-net carries the architecture;
+* optional when loading: an official state dict (weights and BN statistics only) loads with ``strict=True`` and leaves
+  α as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from swinlab.nas.genotypes import PRIMITIVES, Genotype, derive_genotype, num_edges
+from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
+
+ALPHA_NAMES = ("alphas_normal", "alphas_reduce")
+
+
+class MixedOp(nn.Module):
+    """Σ_o w_o · o(x) over the search space; pools get a non-affine BN (the official search space)."""
+
+    def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES) -> None:
+        super().__init__()
+        self._ops = nn.ModuleList()
+        for name in primitives:
+            op = OPS[name](C, stride, False)
+            self._ops.append(nn.Sequential(op, nn.BatchNorm2d(C, affine=False)) if "pool" in name else op)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return sum(w * op(x) for w, op in zip(weights, self._ops, strict=True))
+
+
+class SearchCell(nn.Module):
+    """``steps`` nodes, node ``i`` summing mixed edges from the two cell inputs and the ``i`` earlier nodes; the output
+    concatenates the last ``multiplier`` nodes. Every BN is non-affine."""
+
+    def __init__(
+        self,
+        steps: int,
+        multiplier: int,
+        C_prev_prev: int,
+        C_prev: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
+        primitives: Sequence[str] = PRIMITIVES,
+    ) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.multiplier = multiplier
+        self._steps = steps
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        # Edge order: node 0 reads states 0, 1; node 1 reads 0, 1, 2; ... (the rows of α).
+        self._ops = nn.ModuleList(
+            MixedOp(C, 2 if reduction and j < 2 else 1, primitives) for i in range(steps) for j in range(2 + i)
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self._steps):
+            states.append(sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states)))
+            offset += len(states) - 1
+        return torch.cat(states[-self.multiplier :], dim=1)
+
+
+class SearchNetwork(nn.Module):
+    """The official search ``Network``: a 3 x 3 stem to ``stem_multiplier * C`` channels, ``layers`` search cells
+    (reductions at 1/3 and 2/3), global pool, linear; one α matrix (edges x operations, init ``1e-3 · N(0, 1)``) shared
+    by all normal cells and one by all reduction cells.
+
+    ``criterion`` (default cross-entropy) gives :meth:`_loss`; ``primitives`` is the search space (default the
+    official eight operations, α columns in that order)."""
+
+    def __init__(
+        self,
+        C: int,
+        num_classes: int,
+        layers: int,
+        steps: int = 4,
+        multiplier: int = 4,
+        stem_multiplier: int = 3,
+        *,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        primitives: Sequence[str] = PRIMITIVES,
+    ) -> None:
+        super().__init__()
+        unknown = [name for name in primitives if name not in OPS]
+        if unknown:
+            raise ValueError(f"unknown operations in the search space: {unknown}; known: {', '.join(OPS)}")
+        self._C, self._num_classes, self._layers = C, num_classes, layers
+        self._steps, self._multiplier = steps, multiplier
+        self.primitives = list(primitives)
+        self._criterion = nn.CrossEntropyLoss() if criterion is None else criterion
+        C_stem = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
+        self.cells, C_prev, _ = stack_cells(
+            lambda *shape: SearchCell(steps, multiplier, *shape, primitives=self.primitives),
+            C,
+            layers,
+            C_stem,
+            reduction_prev=False,
+        )
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+        shape = (num_edges(steps), len(self.primitives))
+        for name in ALPHA_NAMES:
+            self.register_buffer(name, (1e-3 * torch.randn(shape)).requires_grad_())
+
+    def arch_parameters(self) -> list[torch.Tensor]:
+        """``[alphas_normal, alphas_reduce]``: what the architecture optimizer updates."""
+        return [self.alphas_normal, self.alphas_reduce]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weights_normal = torch.softmax(self.alphas_normal, dim=-1)
+        weights_reduce = torch.softmax(self.alphas_reduce, dim=-1)
+        s0 = s1 = self.stem(input)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+        return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def _loss(
+        self, input: torch.Tensor, target: torch.Tensor, state: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The criterion on the logits; ``state`` replaces weights / buffers by name for this call only (how the
+        architect evaluates the unrolled and perturbed weights without copying the model)."""
+        logits = self(input) if state is None else functional_call(self, state, (input,))
+        return self._criterion(logits, target)
+
+    def genotype(self) -> Genotype:
+        """The official derivation (see :func:`~swinlab.nas.genotypes.derive_genotype`)."""
+        return derive_genotype(self.alphas_normal, self.alphas_reduce, self.primitives, self._steps, self._multiplier)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for name in ALPHA_NAMES:  # official state dicts have no α: keep ours
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+
+    def _apply(self, fn, recurse=True):
+        # Buffers are converted outside no_grad, so a dtype / device change would make α a non-leaf.
+        super()._apply(fn, recurse)
+        for name in ALPHA_NAMES:
+            alpha = self._buffers[name]
+            if alpha.grad_fn is not None:
+                self._buffers[name] = alpha.detach().requires_grad_()
+        return self
+
+
+class Network(SearchNetwork):
+    """The official constructor signature (``criterion`` fourth), for ported scripts."""
+
+    def __init__(
+        self,
+        C: int,
+        num_classes: int,
+        layers: int,
+        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        steps: int = 4,
+        multiplier: int = 4,
+        stem_multiplier: int = 3,
+    ) -> None:
+        super().__init__(C, num_classes, layers, steps, multiplier, stem_multiplier, criterion=criterion)
