@@ -326,6 +326,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch: int, img: int, iter
         help="bf16: every implementation under CPU autocast to bfloat16 (fast on CPUs with AMX / avx512_bf16)",
     )  # fmt: skip
     parser.add_argument("--json", default=None, help="write all raw results here")
+    parser.add_argument(
+        "--alternate", action="store_true",
+        help="also run swinlab and its peer in one peer process, one step of each in turn (see alternate_worker)",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -370,11 +374,62 @@ def worker(
     import torch
 
     setup_worker(args.threads)
+    if args.impl.startswith(ALTERNATE):
+        alternate_worker(args, build, args.impl.removeprefix(ALTERNATE).split(","), sample, num_classes, criterion)
+        return
     model = build(args.impl, args.weights)
     x = torch.randn(args.batch, *sample)
     measured = run_mode(model, x, args, num_classes=num_classes, unit=unit, criterion=criterion)
     if measured is not None:
         print(json.dumps({"impl": args.impl, "mode": args.mode, "torch": torch.__version__, **measured}))
+
+
+ALTERNATE = "alternate:"
+"""Worker ``--impl`` prefix of the alternating mode: ``alternate:swinlab,<peer>``."""
+
+
+def alternate_worker(
+    args: argparse.Namespace,
+    build: Callable[[str, str | None], nn.Module],
+    impls: Sequence[str],
+    sample: Sequence[int],
+    num_classes: int,
+    criterion: Callable[[object], torch.Tensor] | None = None,
+) -> None:
+    """Two implementations in one process, one step of each in turn (the order swapped every pair): this shared
+    machine changes speed from one second to the next, so steps taken side by side are the comparable ones. Prints
+    the per-pair rate ratios ``impls[0] / impls[1]`` (no per-implementation peak memory in this mode)."""
+    import torch
+
+    use_allocator(args.allocator)
+    x = torch.randn(args.batch, *sample)
+    steps = {
+        impl: make_step(build(impl, args.weights), x, args.mode, impl, args.optimizer, num_classes, args.precision,
+                        criterion)
+        for impl in impls
+    }  # fmt: skip
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for i in range(args.warmup + args.iters):
+        for impl in impls if i % 2 == 0 else impls[::-1]:
+            seconds = measure_steps(steps[impl], 0, 1)["median_s"]
+            if i >= args.warmup:
+                times[impl].append(seconds)
+    ratios = [b / a for a, b in zip(times[impls[0]], times[impls[1]], strict=True)]
+    print(json.dumps({"alternate": list(impls), "mode": args.mode, "torch": torch.__version__, "times": times,
+                      "ratios": ratios}))  # fmt: skip
+
+
+def report_alternate(run: Run, python: str, impls: Sequence[str], modes: Sequence[str]) -> list[dict]:
+    """Run :func:`alternate_worker` for each mode with ``python`` and print its per-pair ratios and their median."""
+    results = []
+    for mode in modes:
+        res = run(python, ALTERNATE + ",".join(impls), mode)
+        if res:
+            results.append(res)
+            ratios = ", ".join(f"{r:.2f}" for r in res["ratios"])
+            print(f"{mode}, alternating steps in one process (torch {res['torch']}): {impls[0]} / {impls[1]} "
+                  f"per step pair {ratios} (median {statistics.median(res['ratios']):.2f}x)")  # fmt: skip
+    return results
 
 
 def shared_inputs(model: str | nn.Module, key: str, shape: Sequence[int], prefix: str) -> Path:

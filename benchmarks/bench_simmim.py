@@ -57,6 +57,7 @@ from _common import (
     perturb_norms,
     print_ratios,
     print_rows,
+    report_alternate,
     report_gemm_peak,
     run_rounds,
     run_worker,
@@ -289,8 +290,12 @@ def main() -> None:
     flops = run(*impls[0], "flops")["flops_per_img"]
     rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
     report(rows, flops, max(peaks.values()), args, checks)
+    alternating = []
+    if args.alternate and args.peer_python:
+        alternating = report_alternate(run, args.peer_python, ("swinlab", "transformers"), args.modes.split(","))
     if args.json:
-        raw = {"rows": rows, "flops_per_sample": flops, "gemm_peak": peaks, "equality_gate": checks}
+        raw = {"rows": rows, "alternating": alternating, "flops_per_sample": flops, "gemm_peak": peaks,
+               "equality_gate": checks}  # fmt: skip
         Path(args.json).write_text(json.dumps(raw, indent=1))
 
 

@@ -56,6 +56,7 @@ from _common import (
     load_torchvision,
     print_ratios,
     print_rows,
+    report_alternate,
     report_gemm_peak,
     run_rounds,
     run_worker,
@@ -181,13 +182,14 @@ def main() -> None:
     flops = run(*impls[0], "flops")["flops_per_img"]
     rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
     report(rows, flops, max(peaks.values()), args, diffs)
+    alternating = []
+    if args.alternate and args.peer_python:
+        for peer in ("timm", "torchvision"):
+            alternating += report_alternate(run, args.peer_python, ("swinlab", peer), args.modes.split(","))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"rows": rows, "flops_per_sample": flops, "gemm_peak": peaks, "max_abs_logit_diff_vs_swinlab": diffs},
-                indent=1,
-            )
-        )
+        raw = {"rows": rows, "alternating": alternating, "flops_per_sample": flops, "gemm_peak": peaks,
+               "max_abs_logit_diff_vs_swinlab": diffs}  # fmt: skip
+        Path(args.json).write_text(json.dumps(raw, indent=1))
 
 
 def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace, diffs: dict) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -39,17 +38,14 @@ from _common import (
     check_logits,
     force_linear_backend,
     load_torchvision,
-    make_step,
-    measure_steps,
     print_ratios,
     print_rows,
+    report_alternate,
     report_gemm_peak,
     run_rounds,
     run_worker,
-    setup_worker,
     shared_inputs,
     torchvision_stage_key,
-    use_allocator,
     venv_label,
     worker,
 )
@@ -100,44 +96,15 @@ def official_to_torchvision(state: dict) -> dict:
     return out
 
 
-def alternate(args: argparse.Namespace) -> None:
-    """Both implementations in one process (the peer interpreter), one step of each in turn: a busy machine
-    changes speed from one second to the next, so steps taken side by side are the comparable ones. Prints the
-    per-pair clips/s ratios swinlab / torchvision (no per-implementation peak memory in this mode)."""
-    import torch
-
-    setup_worker(args.threads)
-    use_allocator(args.allocator)
-    x = torch.randn(args.batch, 3, args.frames, args.img, args.img)
-    steps = {
-        impl: make_step(build(impl, args.weights), x, args.mode, impl, args.optimizer, num_classes=400)
-        for impl in ("swinlab", "torchvision")
-    }
-    times = {impl: [] for impl in steps}
-    for i in range(args.warmup + args.iters):
-        for impl in (("swinlab", "torchvision") if i % 2 == 0 else ("torchvision", "swinlab")):
-            seconds = measure_steps(steps[impl], 0, 1)["median_s"]
-            if i >= args.warmup:
-                times[impl].append(seconds)
-    ratios = [t / s for s, t in zip(times["swinlab"], times["torchvision"], strict=True)]
-    print(json.dumps({"mode": args.mode, "torch": torch.__version__, "times": times, "ratios": ratios}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-python", default=None, help="interpreter with torchvision (torch 2.14.1)")
     add_arguments(parser, batch=1, img=224, iters=5, warmup=1)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--no-local", action="store_true", help="skip swinlab on this interpreter")
-    parser.add_argument(
-        "--alternate", action="store_true", help="also run both in one peer process, alternating steps (see alternate)"
-    )
     args = parser.parse_args()
     if args.worker:
-        if args.impl == "alternate":
-            alternate(args)
-        else:
-            worker(args, build, (3, args.frames, args.img, args.img), num_classes=400, unit="clip")
+        worker(args, build, (3, args.frames, args.img, args.img), num_classes=400, unit="clip")
         return
 
     tmp = shared_inputs(MODEL, "state_dict", (args.batch, 3, args.frames, args.img, args.img), prefix="bench_vswin_")
@@ -159,13 +126,7 @@ def main() -> None:
     print("counted GFLOP/clip:", {k: f"{v / 1e9:.2f}" for k, v in counted.items()}, flush=True)
     rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
     if args.alternate and args.peer_python:
-        for mode in args.modes.split(","):
-            res = run(args.peer_python, "alternate", mode)
-            if res:
-                rows.append(res)
-                ratios = ", ".join(f"{r:.2f}" for r in res["ratios"])
-                print(f"{mode}, alternating steps in one process (torch {res['torch']}): swinlab / torchvision "
-                      f"clips/s per step pair {ratios} (median {statistics.median(res['ratios']):.2f}x)")  # fmt: skip
+        rows += report_alternate(run, args.peer_python, ("swinlab", "torchvision"), args.modes.split(","))
     report([r for r in rows if "impl" in r], flops, max(peaks.values()), args, diffs)
     if args.json:
         raw = {"rows": rows, "flops_per_clip": flops, "gemm_peak": peaks, "max_abs_logit_diff": diffs}
