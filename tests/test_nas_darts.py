@@ -20,6 +20,7 @@ from swinlab.nas import (
     PRIMITIVES,
     Architect,
     Genotype,
+    Network,
     NetworkCIFAR,
     NetworkImageNet,
     SearchNetwork,
@@ -295,3 +296,143 @@ def test_second_order_matches_exact_unrolled_autograd():
         )
         (approx,) = arch.alpha_grads(xt, yt, xv, yv, eta, sgd, unrolled=True)
         assert torch.allclose(approx, exact, rtol=0, atol=tol), (r, (approx - exact).abs().max())
+
+
+# --- parity with the official code -----------------------------------------------------------------------------------
+
+_official_warnings = pytest.mark.filterwarnings("ignore::UserWarning")  # its deprecated add_(scalar, tensor) calls
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    ("name", "layers"), [("DARTS_V2", 3), ("DARTS_V2", 5), ("DARTS_V1", 5), ("NASNet", 4), ("AmoebaNet", 5)]
+)
+def test_eval_network_matches_official_cifar(official, name, layers):
+    ref = official.model.NetworkCIFAR(4, 10, layers, True, getattr(official.genotypes, name))
+    _randomize_bn(ref, torch.Generator().manual_seed(1))
+    ours = NetworkCIFAR(4, 10, layers, True, getattr(genotypes, name))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(ref.state_dict())  # same keys in the same order
+    x = torch.randn(3, 3, 32, 32)
+    ref.drop_path_prob = ours.drop_path_prob = 0.3
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        assert _max_diff(ours(x)[0], ref(x)[0]) < 1e-5
+    # Training: same drop-path masks from the same stream, auxiliary logits (layers=3: the auxiliary cell is the last).
+    ref.train(), ours.train()
+    torch.manual_seed(7)
+    logits_ref, aux_ref = ref(x)
+    torch.manual_seed(7)
+    logits, aux = ours(x)
+    assert _max_diff(logits, logits_ref) < 1e-5 and _max_diff(aux, aux_ref) < 1e-5
+
+
+def test_eval_network_matches_official_imagenet(official):
+    ref = official.model.NetworkImageNet(8, 10, 3, True, official.genotypes.DARTS_V2)
+    _randomize_bn(ref, torch.Generator().manual_seed(1))
+    ours = NetworkImageNet(8, 10, 3, True, genotypes.DARTS_V2)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    ref.drop_path_prob = ours.drop_path_prob = 0.2
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        assert _max_diff(ours(x)[0], ref(x)[0]) < 1e-5
+    ref.train(), ours.train()
+    torch.manual_seed(3)
+    logits_ref, aux_ref = ref(x)
+    torch.manual_seed(3)
+    logits, aux = ours(x)
+    assert _max_diff(logits, logits_ref) < 1e-5 and _max_diff(aux, aux_ref) < 1e-5
+
+
+def _search_twins(official, seed: int = 0, layers: int = 4) -> tuple[nn.Module, SearchNetwork]:
+    """The official search network and ours with the same weights, BN statistics and α."""
+    torch.manual_seed(seed)
+    ref = official.model_search.Network(4, 5, layers, nn.CrossEntropyLoss())
+    ours = Network(4, 5, layers, nn.CrossEntropyLoss())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    with torch.no_grad():
+        for a, b in zip(ours.arch_parameters(), ref.arch_parameters(), strict=True):
+            a.copy_(b)
+    return ref, ours
+
+
+def test_search_network_matches_official(official):
+    ref, ours = _search_twins(official)
+    assert list(ours.state_dict()) == ["alphas_normal", "alphas_reduce", *ref.state_dict()]
+    x = torch.randn(4, 3, 16, 16)
+    assert _max_diff(ours(x), ref(x)) < 1e-5
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for a, b in zip(ours.arch_parameters(), ref.arch_parameters(), strict=True):
+                b.copy_(torch.randn(b.shape, generator=gen) * (0.5 if seed % 2 else 1e-3))
+                a.copy_(b)
+        g_ref, g = ref.genotype(), ours.genotype()
+        assert g.normal == g_ref.normal and g.reduce == g_ref.reduce, seed
+        assert g.normal_concat == list(g_ref.normal_concat) and g.reduce_concat == list(g_ref.reduce_concat)
+
+
+_ARGS = {"momentum": 0.9, "weight_decay": 3e-4, "arch_learning_rate": 3e-4, "arch_weight_decay": 1e-3}
+
+
+def _architect_twins(official, unrolled_batch: int = 4):
+    """Twins after one identical weight step (so the SGD momentum buffers exist), with their optimizers,
+    architects and a training and a validation batch."""
+    ref, ours = _search_twins(official)
+    sgd = lambda m: torch.optim.SGD(
+        m.parameters(), 0.025, momentum=_ARGS["momentum"], weight_decay=_ARGS["weight_decay"]
+    )
+    opt_ref, opt = sgd(ref), sgd(ours)
+    gen = torch.Generator().manual_seed(5)
+    batches = [
+        (torch.randn(unrolled_batch, 3, 8, 8, generator=gen), torch.randint(0, 5, (unrolled_batch,), generator=gen))
+        for _ in range(3)
+    ]
+    ref._loss(*batches[0]).backward()
+    opt_ref.step()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+        opt.state[p]["momentum_buffer"] = opt_ref.state[q]["momentum_buffer"].clone()
+    arch_ref = official.architect.Architect(ref, SimpleNamespace(**_ARGS))
+    arch = Architect(ours, **_ARGS)
+    return ref, ours, opt_ref, opt, arch_ref, arch, batches[1], batches[2]
+
+
+@_official_warnings
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_architect_alpha_grads_match_official(official, unrolled):
+    ref, ours, opt_ref, opt, arch_ref, arch, (xt, yt), (xv, yv) = _architect_twins(official)
+    eta = 0.025
+    grads = arch.alpha_grads(xt, yt, xv, yv, eta, opt, unrolled)
+    arch_ref.optimizer.zero_grad()
+    if unrolled:
+        arch_ref._backward_step_unrolled(xt, yt, xv, yv, eta, opt_ref)
+    else:
+        arch_ref._backward_step(xv, yv)
+    tol = 2e-6 if unrolled else 2e-7
+    for g, a in zip(grads, ref.arch_parameters(), strict=True):
+        assert _max_diff(g, a.grad) < tol
+    # BN statistics moved as officially (the unrolled pass on copies only).
+    state = ours.state_dict()
+    for name, b_ref in ref.state_dict().items():
+        assert _max_diff(state[name].float(), b_ref.float()) < 1e-6, name
+    if unrolled:  # the implicit term is large here, so a wrong one would show
+        first = arch.alpha_grads(xt, yt, xv, yv, eta, opt, unrolled=False)
+        assert max(_max_diff(g, f) for g, f in zip(grads, first, strict=True)) > 0.1
+
+
+@_official_warnings
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_architect_step_matches_official(official, unrolled):
+    ref, ours, opt_ref, opt, arch_ref, arch, (xt, yt), (xv, yv) = _architect_twins(official)
+    for _ in range(2):  # the second step also checks Adam's state
+        arch.step(xt, yt, xv, yv, 0.025, opt, unrolled)
+        arch_ref.step(xt, yt, xv, yv, 0.025, opt_ref, unrolled)
+    for a, a_ref in zip(ours.arch_parameters(), ref.arch_parameters(), strict=True):
+        assert _max_diff(a, a_ref) < 1e-6
+    for p, p_ref in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert _max_diff(p, p_ref) < 1e-6  # the official perturbation leaves only round-off on the weights

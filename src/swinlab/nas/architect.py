@@ -81,7 +81,7 @@ class Architect:
         grads = torch.autograd.grad(loss, [*alphas, *unrolled_w], materialize_grads=True)
         dalpha, v = grads[: len(alphas)], grads[len(alphas) :]
         hvp = self._hessian_vector_product(names, weights, v, input_train, target_train)
-        return [da - eta * h for da, h in zip(dalpha, hvp, strict=True)]
+        return [da.sub(h, alpha=eta) for da, h in zip(dalpha, hvp, strict=True)]
 
     def _unrolled_weights(
         self,
@@ -99,7 +99,7 @@ class Architect:
                 step = g + self.network_weight_decay * w
                 if buf is not None:
                     step = buf * self.network_momentum + step
-                unrolled.append((w - eta * step).requires_grad_())
+                unrolled.append(w.sub(step, alpha=eta).requires_grad_())
         return unrolled
 
     def _hessian_vector_product(
@@ -113,9 +113,9 @@ class Architect:
         """∇²_{α,w} L_train(w, α) · v by central differences along ``v``."""
         alphas = self.model.arch_parameters()
         with torch.no_grad():
-            R = self.r / torch.cat([x.reshape(-1) for x in v]).norm()
-            w_plus = [w + R * x for w, x in zip(weights, v, strict=True)]
-            w_minus = [w - 2 * R * x for w, x in zip(w_plus, v, strict=True)]  # from w+, as the official code
+            R = (self.r / torch.cat([x.reshape(-1) for x in v]).norm()).item()
+            w_plus = [w.add(x, alpha=R) for w, x in zip(weights, v, strict=True)]
+            w_minus = [w.sub(x, alpha=2 * R) for w, x in zip(w_plus, v, strict=True)]  # from w+, as the official code
         g_plus, g_minus = (
             torch.autograd.grad(
                 self.model._loss(input_train, target_train, dict(zip(names, ws, strict=True))),

@@ -8,10 +8,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from swinlab.layers.drop import drop_path
 from swinlab.models.registry import register_model
 from swinlab.nas.genotypes import DARTS_V2, Genotype, validate_genotype
 from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
+
+
+def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero a random ``p`` fraction of the samples of an edge output, in place, as ``(x / keep) * mask``.
+
+    Not :func:`swinlab.layers.drop.drop_path` (``x * (mask / keep)``): this rounding order and the same draw from the
+    global generator make the training logits bit-identical to the official code's."""
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+    return x.div_(keep).mul_(mask)
 
 
 class EvalCell(nn.Module):
@@ -36,7 +45,9 @@ class EvalCell(nn.Module):
         op = self._ops[e]
         h = op(states[self._indices[e]])
         # Drop path acts on every edge but identities, in training only (the official rule).
-        return h if isinstance(op, nn.Identity) else drop_path(h, drop_prob, self.training, inplace=True)
+        if self.training and drop_prob > 0 and not isinstance(op, nn.Identity):
+            h = drop_path(h, drop_prob)
+        return h
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]

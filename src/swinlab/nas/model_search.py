@@ -123,11 +123,12 @@ class SearchNetwork(nn.Module):
         return [self.alphas_normal, self.alphas_reduce]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weights_normal = torch.softmax(self.alphas_normal, dim=-1)
-        weights_reduce = torch.softmax(self.alphas_reduce, dim=-1)
         s0 = s1 = self.stem(input)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+            # One softmax per cell, as officially: α's gradient then sums in the official order (which the
+            # finite-difference Hessian-vector product amplifies by 1 / 2R).
+            weights = torch.softmax(self.alphas_reduce if cell.reduction else self.alphas_normal, dim=-1)
+            s0, s1 = s1, cell(s0, s1, weights)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def _loss(
