@@ -7,6 +7,9 @@
 * in ``state_dict()``, so a checkpoint of the super-net carries the architecture;
 * optional when loading: an official state dict (weights and BN statistics only) loads with ``strict=True`` and leaves
   α as it is.
+
+A dtype or device change keeps them leaves but makes new tensors: move the model before creating the optimizer of α
+(as with parameters).
 """
 
 from __future__ import annotations
@@ -99,7 +102,6 @@ class SearchNetwork(nn.Module):
         unknown = [name for name in primitives if name not in OPS]
         if unknown:
             raise ValueError(f"unknown operations in the search space: {unknown}; known: {', '.join(OPS)}")
-        self._C, self._num_classes, self._layers = C, num_classes, layers
         self._steps, self._multiplier = steps, multiplier
         self.primitives = list(primitives)
         self._criterion = nn.CrossEntropyLoss() if criterion is None else criterion
