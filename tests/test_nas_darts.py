@@ -436,3 +436,12 @@ def test_architect_step_matches_official(official, unrolled):
         assert _max_diff(a, a_ref) < 1e-6
     for p, p_ref in zip(ours.parameters(), ref.parameters(), strict=True):
         assert _max_diff(p, p_ref) < 1e-6  # the official perturbation leaves only round-off on the weights
+
+
+def test_darts_networks_are_in_the_registry_after_importing_swinlab():
+    import subprocess
+    import sys
+
+    code = "import swinlab; print(swinlab.list_models('darts*'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "darts_v2_cifar" in out and "darts_v2_imagenet" in out
