@@ -419,6 +419,29 @@ def alternate_worker(
                       "ratios": ratios}))  # fmt: skip
 
 
+def measure(
+    run: Run,
+    impls: Sequence[Impl],
+    args: argparse.Namespace,
+    report: Callable[[list[dict]], None],
+    peers: Sequence[str],
+    raw: dict,
+) -> None:
+    """The timed part every script shares: :func:`run_rounds`, ``report(rows)``, then with ``--alternate``
+    swinlab against each of ``peers`` in alternating steps (:func:`report_alternate`); ``--json`` gets the rows,
+    the alternating runs and ``raw``."""
+    modes = args.modes.split(",")
+    rows = run_rounds(run, impls, modes, args.rounds)
+    report(rows)
+    alternating = []
+    if args.alternate and args.peer_python:
+        measured = {impl for python, impl in impls if python == args.peer_python}
+        for peer in (p for p in peers if {"swinlab", p} <= measured):
+            alternating += report_alternate(run, args.peer_python, ("swinlab", peer), modes)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "alternating": alternating, **raw}, indent=1))
+
+
 def report_alternate(run: Run, python: str, impls: Sequence[str], modes: Sequence[str]) -> list[dict]:
     """Run :func:`alternate_worker` for each mode with ``python`` and print its per-pair ratios and their median."""
     results = []

@@ -54,12 +54,11 @@ from _common import (
     available,
     check_logits,
     force_linear_backend,
+    measure,
     perturb_norms,
     print_ratios,
     print_rows,
-    report_alternate,
     report_gemm_peak,
-    run_rounds,
     run_worker,
     shared_inputs,
     worker,
@@ -288,15 +287,9 @@ def main() -> None:
     if args.check_only:
         return
     flops = run(*impls[0], "flops")["flops_per_img"]
-    rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
-    report(rows, flops, max(peaks.values()), args, checks)
-    alternating = []
-    if args.alternate and args.peer_python:
-        alternating = report_alternate(run, args.peer_python, ("swinlab", "transformers"), args.modes.split(","))
-    if args.json:
-        raw = {"rows": rows, "alternating": alternating, "flops_per_sample": flops, "gemm_peak": peaks,
-               "equality_gate": checks}  # fmt: skip
-        Path(args.json).write_text(json.dumps(raw, indent=1))
+    raw = {"flops_per_sample": flops, "gemm_peak": peaks, "equality_gate": checks}
+    measure(run, impls, args, partial(report, flops=flops, peak=max(peaks.values()), args=args, checks=checks),
+            ("transformers",), raw)  # fmt: skip
 
 
 def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace, checks: dict) -> None:

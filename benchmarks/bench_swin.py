@@ -42,10 +42,8 @@ restrict the rows.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
-from pathlib import Path
 
 from _common import (
     LINEAR_BACKENDS,
@@ -54,11 +52,10 @@ from _common import (
     check_logits,
     force_linear_backend,
     load_torchvision,
+    measure,
     print_ratios,
     print_rows,
-    report_alternate,
     report_gemm_peak,
-    run_rounds,
     run_worker,
     shared_inputs,
     torchvision_stage_key,
@@ -180,16 +177,9 @@ def main() -> None:
     peaks = report_gemm_peak(args.threads)
     diffs = check_logits(run, impls, tmp)
     flops = run(*impls[0], "flops")["flops_per_img"]
-    rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
-    report(rows, flops, max(peaks.values()), args, diffs)
-    alternating = []
-    if args.alternate and args.peer_python:
-        for peer in ("timm", "torchvision"):
-            alternating += report_alternate(run, args.peer_python, ("swinlab", peer), args.modes.split(","))
-    if args.json:
-        raw = {"rows": rows, "alternating": alternating, "flops_per_sample": flops, "gemm_peak": peaks,
-               "max_abs_logit_diff_vs_swinlab": diffs}  # fmt: skip
-        Path(args.json).write_text(json.dumps(raw, indent=1))
+    raw = {"flops_per_sample": flops, "gemm_peak": peaks, "max_abs_logit_diff_vs_swinlab": diffs}
+    measure(run, impls, args, partial(report, flops=flops, peak=max(peaks.values()), args=args, diffs=diffs),
+            ("timm", "torchvision"), raw)  # fmt: skip
 
 
 def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace, diffs: dict) -> None:

@@ -26,10 +26,8 @@ implementation, the largest used; train counted as 3x forward. ``--allocator reu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
-from pathlib import Path
 
 from _common import (
     LINEAR_BACKENDS,
@@ -38,11 +36,10 @@ from _common import (
     check_logits,
     force_linear_backend,
     load_torchvision,
+    measure,
     print_ratios,
     print_rows,
-    report_alternate,
     report_gemm_peak,
-    run_rounds,
     run_worker,
     shared_inputs,
     torchvision_stage_key,
@@ -124,13 +121,9 @@ def main() -> None:
     # implementation calls an op the counter does not know.
     flops = max(counted.values())
     print("counted GFLOP/clip:", {k: f"{v / 1e9:.2f}" for k, v in counted.items()}, flush=True)
-    rows = run_rounds(run, impls, args.modes.split(","), args.rounds)
-    if args.alternate and args.peer_python:
-        rows += report_alternate(run, args.peer_python, ("swinlab", "torchvision"), args.modes.split(","))
-    report([r for r in rows if "impl" in r], flops, max(peaks.values()), args, diffs)
-    if args.json:
-        raw = {"rows": rows, "flops_per_clip": flops, "gemm_peak": peaks, "max_abs_logit_diff": diffs}
-        Path(args.json).write_text(json.dumps(raw, indent=1))
+    raw = {"flops_per_clip": flops, "gemm_peak": peaks, "max_abs_logit_diff": diffs}
+    measure(run, impls, args, partial(report, flops=flops, peak=max(peaks.values()), args=args, diffs=diffs),
+            ("torchvision",), raw)  # fmt: skip
 
 
 def report(rows: list[dict], flops: float, peak: float, args: argparse.Namespace, diffs: dict) -> None:
