@@ -45,39 +45,46 @@ def _cosine_multiplier(qk: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Ten
 
 
 class _CosineQKV(torch.autograd.Function):
-    """``q s / |q|``, ``k / |k|`` and ``v`` as ``(B, nW, h, N, d)`` views of one projection output ``(B, nW,
+    """``q s / |q|``, ``k / |k|`` and ``v`` as ``(B, nW, h, N, d)`` tensors from one projection output ``(B, nW,
     N, 3, h, d)``, with a hand-written backward.
 
-    The backward writes the three gradients straight into one tensor in the projection's layout, with
-    ``dx = m g - y (y . g) m / f^2`` (``y = m x`` the output, ``m = f / |x|``, ``f`` = s or 1; the second term
-    vanishes where the norm is clamped) and ``ds = sum (y . g) / s``. Autograd's version of the same few ops
-    allocates five or six tensors the size of q and k (norm and division backward, stack, split and layout
-    copies), which on the largest stage costs more than the arithmetic.
+    The scaled queries and keys are written into one contiguous ``(2, B, nW, h, N, d)`` block (the pass that scales
+    them also transposes them), so the logits' matmuls and their backward take them without layout copies. The
+    backward writes the three gradients straight into one tensor in the projection's layout, with ``dx = m g - y (y
+    . g) m / f^2`` (``y = m x`` the output, ``m = f / |x|``, ``f`` = s or 1; the second term vanishes where the norm
+    is clamped) and ``ds = sum (y . g) / s``. Autograd's version of the same few ops allocates five or six tensors
+    the size of q and k (norm and division backward, stack, split and layout copies), which on the largest stage
+    costs more than the arithmetic.
     """
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, scale: torch.Tensor):
         qk = qkv[..., :2, :, :]
         factor, norm, mult = _cosine_multiplier(qk, scale)
-        y = qk * mult
-        ctx.save_for_backward(y, mult, factor, norm > NORM_EPS)
-        q, k = y.unbind(-3)
-        return q.transpose(2, 3), k.transpose(2, 3), qkv[..., 2, :, :].transpose(2, 3)
+        to_heads = (3, 0, 1, 4, 2, 5)  # (B, nW, N, 2, h, .) -> (2, B, nW, h, N, .)
+        y = qk.new_empty([qk.shape[i] for i in to_heads])
+        torch.mul(qk.permute(to_heads), mult.permute(to_heads), out=y)
+        ctx.save_for_backward(
+            y, mult.permute(to_heads).contiguous(), factor, (norm > NORM_EPS).permute(to_heads).contiguous()
+        )
+        return y[0], y[1], qkv[..., 2, :, :].transpose(2, 3)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
         y, mult, factor, unclamped = ctx.saved_tensors
-        grad = y.new_empty(*y.shape[:3], 3, *y.shape[4:])
+        b, nw, h, n, d = y.shape[1:]
+        grad = y.new_empty(b, nw, n, 3, h, d)
         grad[..., 2, :, :].copy_(dv.transpose(2, 3))
-        dots = []
-        for i, g in enumerate((dq.transpose(2, 3), dk.transpose(2, 3))):
-            yi, mi, out = y[..., i, :, :], mult[..., i, :, :], grad[..., i, :, :]
-            dot = (g * yi).sum(-1, keepdim=True)
-            out.copy_(g).mul_(mi)  # in place on the strided slice (dynamo does not trace a strided out=)
-            out.addcmul_(yi, dot * mi / factor[i].square() * unclamped[..., i, :, :], value=-1)
-            dots.append(dot)
-        dscale = (dots[0] / factor[0]).sum((0, 1, 2)) if ctx.needs_input_grad[1] else None
+        factor = factor.view(2, 1, 1, h, 1, 1)
+        dscale = None
+        for i, g in enumerate((dq, dk)):
+            dot = torch.linalg.vecdot(g, y[i]).unsqueeze(-1)
+            dx = g * mult[i]
+            dx.addcmul_(y[i], dot * mult[i] / factor[i].square() * unclamped[i], value=-1)
+            grad[..., i, :, :].copy_(dx.transpose(2, 3))
+            if i == 0 and ctx.needs_input_grad[1]:
+                dscale = (dot / factor[0]).sum((0, 1, 3)).view(h, 1)
         return grad, dscale
 
 
