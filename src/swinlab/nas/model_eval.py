@@ -4,12 +4,13 @@ auxiliary heads, drop path and state-dict key names (official checkpoints load w
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from swinlab.models.registry import register_model
-from swinlab.nas.genotypes import DARTS_V2, Genotype, validate_genotype
+from swinlab.nas.genotypes import DARTS_V2, PUBLISHED, Genotype, load_genotype, validate_genotype
 from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
 
 
@@ -123,11 +124,14 @@ class _EvalNetwork(nn.Module):
 class NetworkCIFAR(_EvalNetwork):
     """DARTS evaluation network for 32 x 32 inputs: a 3 x 3 stem to ``3 C`` channels, ``layers`` cells.
 
-    ``forward`` returns ``(logits, logits_aux)``; ``logits_aux`` is ``None`` unless training with ``auxiliary``."""
+    ``forward`` returns ``(logits, logits_aux)``; ``logits_aux`` is ``None`` unless training with ``auxiliary``.
+    ``in_chans``: image channels (official: 3)."""
 
-    def __init__(self, C: int, num_classes: int, layers: int, auxiliary: bool, genotype: Genotype) -> None:
+    def __init__(
+        self, C: int, num_classes: int, layers: int, auxiliary: bool, genotype: Genotype, *, in_chans: int = 3
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 3 * C, 3, padding=1, bias=False), nn.BatchNorm2d(3 * C))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, 3 * C, 3, padding=1, bias=False), nn.BatchNorm2d(3 * C))
         aux = lambda C_aux: AuxiliaryHead(C_aux, num_classes, pool_stride=3, final_bn=True)
         self._build(genotype, C, num_classes, layers, auxiliary, 3 * C, False, nn.AdaptiveAvgPool2d(1), aux)
 
@@ -172,3 +176,37 @@ def darts_v2_imagenet(**kwargs) -> NetworkImageNet:
     return NetworkImageNet(
         **{"C": 48, "num_classes": 1000, "layers": 14, "auxiliary": True, "genotype": DARTS_V2, **kwargs}
     )
+
+
+def resolve_genotype(genotype: Genotype | str) -> Genotype:
+    """A genotype given as itself, a published name (``DARTS_V2``, ...), a genotype JSON file, or a search run's
+    folder (its latest ``genotype.json``)."""
+    if not isinstance(genotype, str):
+        return validate_genotype(genotype)
+    if genotype in PUBLISHED:
+        return PUBLISHED[genotype]
+    path = Path(genotype)
+    if path.is_dir():
+        path = path / "genotype.json"
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"genotype file {path} does not exist")
+        return load_genotype(path)
+    raise ValueError(
+        f"genotype {genotype!r}: neither a published genotype ({', '.join(PUBLISHED)}) nor a JSON file or run folder"
+    )
+
+
+@register_model(meta={"source": "DARTS (Liu et al. 2019) CIFAR evaluation network from any genotype"})
+def darts_cifar(
+    genotype: Genotype | str = "DARTS_V2",
+    C: int = 36,
+    num_classes: int = 10,
+    layers: int = 20,
+    auxiliary: bool = True,
+    in_chans: int = 3,
+    img_size: int | None = None,
+) -> NetworkCIFAR:
+    """``NetworkCIFAR`` of ``task: darts_eval``: ``genotype`` by name, JSON file or search run folder (see
+    :func:`resolve_genotype`); ``img_size`` is accepted and ignored (the auxiliary head needs 32 x 32 inputs)."""
+    return NetworkCIFAR(C, num_classes, layers, auxiliary, resolve_genotype(genotype), in_chans=in_chans)

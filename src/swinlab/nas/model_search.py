@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from swinlab.models.registry import register_model
 from swinlab.nas.genotypes import PRIMITIVES, Genotype, derive_genotype, num_edges
 from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
 
@@ -84,7 +85,7 @@ class SearchNetwork(nn.Module):
     by all normal cells and one by all reduction cells.
 
     ``criterion`` (default cross-entropy) gives :meth:`_loss`; ``primitives`` is the search space (default the
-    official eight operations, α columns in that order)."""
+    official eight operations, α columns in that order); ``in_chans`` the image channels (official: 3)."""
 
     def __init__(
         self,
@@ -97,6 +98,7 @@ class SearchNetwork(nn.Module):
         *,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         primitives: Sequence[str] = PRIMITIVES,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         unknown = [name for name in primitives if name not in OPS]
@@ -106,7 +108,7 @@ class SearchNetwork(nn.Module):
         self.primitives = list(primitives)
         self._criterion = nn.CrossEntropyLoss() if criterion is None else criterion
         C_stem = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(3, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
         self.cells, C_prev, _ = stack_cells(
             lambda *shape: SearchCell(steps, multiplier, *shape, primitives=self.primitives),
             C,
@@ -179,3 +181,19 @@ class Network(SearchNetwork):
         stem_multiplier: int = 3,
     ) -> None:
         super().__init__(C, num_classes, layers, steps, multiplier, stem_multiplier, criterion=criterion)
+
+
+@register_model(meta={"source": "DARTS (Liu et al. 2019) search super-net, CIFAR-10 search settings"})
+def darts_search(
+    C: int = 16,
+    num_classes: int = 10,
+    layers: int = 8,
+    steps: int = 4,
+    multiplier: int = 4,
+    stem_multiplier: int = 3,
+    in_chans: int = 3,
+    img_size: int | None = None,
+) -> SearchNetwork:
+    """The search super-net of ``task: darts_search`` (official search: C 16, 8 cells); ``img_size`` is accepted and
+    ignored (the net pools globally)."""
+    return SearchNetwork(C, num_classes, layers, steps, multiplier, stem_multiplier, in_chans=in_chans)

@@ -21,6 +21,8 @@ TASKS: dict[str, str] = {
     "video_classification": "swinlab.tasks.classification:VideoClassificationTask",
     "language_model": "swinlab.tasks.language_model:LanguageModelTask",
     "simmim": "swinlab.tasks.simmim:SimMIMTask",
+    "darts_search": "swinlab.tasks.darts:DartsSearchTask",
+    "darts_eval": "swinlab.tasks.darts:DartsEvalTask",
 }
 
 
