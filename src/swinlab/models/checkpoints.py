@@ -65,10 +65,11 @@ def read_checkpoint(path: str | Path) -> Any:
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or one nested under ``model`` / ``state_dict``; strip a DDP ``module.``
+    """Accept a bare state dict or one nested under ``model`` / ``state_dict`` / ``weights`` (AiT's tokenizer
+    training scripts); strip a DDP ``module.``
     prefix; convert transformers' Swinv2 layouts to the official one (:mod:`swinlab.models.hf_keys`)."""
     if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
+        for key in ("model", "state_dict", "weights"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
@@ -151,6 +152,9 @@ def adapt_state_dict(
     another class count (reported as ``reinitialised``); raises ``ValueError`` listing every other shape that
     cannot be adapted.
     """
+    check = getattr(model, "check_state_dict", None)
+    if check is not None:  # a family that can name a foreign checkpoint (AiT's tokenizers) does so before key checks
+        check(state_dict)
     target = model.state_dict()
     state_dict, report = strip_pretraining_parts(state_dict, model)
     out: dict[str, torch.Tensor] = {}
