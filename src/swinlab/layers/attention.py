@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swinlab.layers.bias_attention import chunked_bias_attention, worth_chunking
 from swinlab.layers.linear import Linear
 from swinlab.layers.position import (
     continuous_position_bias,
@@ -115,6 +116,8 @@ def windowed_sdpa(
     forward + backward on CPU).
     """
     b, nw, h, n, d = q.shape
+    if _bias_needs_grad(bias) and dropout_p == 0.0 and worth_chunking(q):
+        return chunked_bias_attention(q, k, v, bias.to(q.dtype))
     if _bias_needs_grad(bias):
         logits = q @ k.transpose(-2, -1)
         logits += bias.to(q.dtype)  # in place: a matmul's backward does not need its output
@@ -280,9 +283,7 @@ class WindowAttentionV1(_WindowAttention):
         self.window, self.sliced_index = tuple(window), sliced_index
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros(relative_bias_table_size(self.window), num_heads)
-        )
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(relative_bias_table_size(self.window), num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
