@@ -1,5 +1,9 @@
 """DARTS evaluation networks: cells built from a genotype, stacked for CIFAR or ImageNet, with the official
-auxiliary heads, drop path and state-dict key names (official checkpoints load with ``strict=True``)."""
+auxiliary heads, drop path and state-dict key names (official checkpoints load with ``strict=True``).
+
+Both networks also build an :class:`~swinlab.nas.genotypes.AcaGenotype`: an edge that keeps a fraction of its
+channels becomes an :class:`AcaEdge`, one that keeps them all is the plain operation, so a plain genotype and its
+all-kept ACA form give the same modules, keys and outputs."""
 
 from __future__ import annotations
 
@@ -10,7 +14,15 @@ import torch
 from torch import nn
 
 from swinlab.models.registry import register_model
-from swinlab.nas.genotypes import DARTS_V2, PUBLISHED, Genotype, load_genotype, validate_genotype
+from swinlab.nas.genotypes import (
+    DARTS_V2,
+    PUBLISHED,
+    AcaGenotype,
+    Genotype,
+    read_genotype,
+    validate_aca_genotype,
+    validate_genotype,
+)
 from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
 
 
@@ -24,11 +36,53 @@ def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
     return x.div_(keep).mul_(mask)
 
 
+def kept_channels(keep: float, C: int, reducing: bool) -> int:
+    """The channels an ACA edge of ``C`` channels runs its operation on: ``keep * C`` rounded to the nearest count
+    in ``1..C`` (halves up), on a reducing edge among those leaving an even remainder, which the identity's
+    FactorizedReduce needs. A choice of this toolkit (ACA's rule is not published)."""
+    allowed = [k for k in range(1, C + 1) if not reducing or (C - k) % 2 == 0]
+    return min(allowed, key=lambda k: (abs(k - keep * C), -k))
+
+
+class AcaEdge(nn.Module):
+    """An ACA edge: the operation on the first ``k`` channels, the other ``C - k`` passed as identity (on a reducing
+    edge a FactorizedReduce, the strided skip), concatenated back in place.
+
+    Drop path acts on the operation's part only (never on an identity, as the official rule has it); the
+    refilled part is the edge's implicit skip."""
+
+    def __init__(self, name: str, C: int, stride: int, k: int) -> None:
+        super().__init__()
+        if not 0 < k < C:
+            raise ValueError(f"an ACA edge keeps 1..{C - 1} of its {C} channels for its operation, got {k}")
+        self.k = k
+        self.op = OPS[name](k, stride, True)
+        self.rest = nn.Identity() if stride == 1 else FactorizedReduce(C - k, C - k)
+
+    def forward(self, x: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+        h = self.op(x[:, : self.k])
+        if drop_prob > 0 and not isinstance(self.op, nn.Identity):
+            h = drop_path(h, drop_prob)
+        return torch.cat([h, self.rest(x[:, self.k :])], dim=1)
+
+
+def _edge_module(name: str, C: int, stride: int, keep: float) -> nn.Module:
+    k = kept_channels(keep, C, stride > 1)
+    return OPS[name](C, stride, True) if k == C else AcaEdge(name, C, stride, k)
+
+
 class EvalCell(nn.Module):
-    """A discrete cell: node ``k`` sums two operations of earlier states; the output concatenates ``*_concat``."""
+    """A discrete cell: node ``k`` sums two operations of earlier states; the output concatenates ``*_concat``.
+    ``genotype`` is plain or ACA (edges that keep a fraction of their channels)."""
 
     def __init__(
-        self, genotype: Genotype, C_prev_prev: int, C_prev: int, C: int, reduction: bool, reduction_prev: bool
+        self,
+        genotype: Genotype | AcaGenotype,
+        C_prev_prev: int,
+        C_prev: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
     ) -> None:
         super().__init__()
         self.preprocess0 = FactorizedReduce(C_prev_prev, C) if reduction_prev else ReLUConvBN(C_prev_prev, C, 1, 1, 0)
@@ -36,18 +90,25 @@ class EvalCell(nn.Module):
         pairs, concat = (
             (genotype.reduce, genotype.reduce_concat) if reduction else (genotype.normal, genotype.normal_concat)
         )
+        edges = [(entry[0], entry[1], entry[2] if len(entry) == 3 else 1.0) for entry in pairs]
         # Reduction cells stride the edges that read the cell inputs (states 0 and 1).
-        self._ops = nn.ModuleList(OPS[name](C, 2 if reduction and index < 2 else 1, True) for name, index in pairs)
-        self._indices = [index for _, index in pairs]
+        self._ops = nn.ModuleList(
+            _edge_module(name, C, 2 if reduction and index < 2 else 1, keep) for name, index, keep in edges
+        )
+        self._indices = [index for _, index, _ in edges]
         self._concat = list(concat)
         self.multiplier = len(concat)
 
     def _edge(self, e: int, states: list[torch.Tensor], drop_prob: float) -> torch.Tensor:
         op = self._ops[e]
-        h = op(states[self._indices[e]])
+        x = states[self._indices[e]]
+        drop = drop_prob if self.training else 0.0
+        if isinstance(op, AcaEdge):
+            return op(x, drop)
+        h = op(x)
         # Drop path acts on every edge but identities, in training only (the official rule).
-        if self.training and drop_prob > 0 and not isinstance(op, nn.Identity):
-            h = drop_path(h, drop_prob)
+        if drop > 0 and not isinstance(op, nn.Identity):
+            h = drop_path(h, drop)
         return h
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -90,7 +151,7 @@ class _EvalNetwork(nn.Module):
 
     def _build(
         self,
-        genotype: Genotype,
+        genotype: Genotype | AcaGenotype,
         C: int,
         num_classes: int,
         layers: int,
@@ -101,7 +162,7 @@ class _EvalNetwork(nn.Module):
         auxiliary_head: Callable[[int], nn.Module],
     ) -> None:
         """Cells, then (official order) the auxiliary head built from its input channels, pooling, classifier."""
-        genotype = validate_genotype(genotype)
+        genotype = validate_aca_genotype(genotype) if isinstance(genotype, AcaGenotype) else validate_genotype(genotype)
         self._layers, self._auxiliary = layers, auxiliary
         self.drop_path_prob = 0.0
         self.cells, C_prev, C_aux = stack_cells(
@@ -125,10 +186,17 @@ class NetworkCIFAR(_EvalNetwork):
     """DARTS evaluation network for 32 x 32 inputs: a 3 x 3 stem to ``3 C`` channels, ``layers`` cells.
 
     ``forward`` returns ``(logits, logits_aux)``; ``logits_aux`` is ``None`` unless training with ``auxiliary``.
-    ``in_chans``: image channels (official: 3)."""
+    ``genotype``: plain or ACA; ``in_chans``: image channels (official: 3)."""
 
     def __init__(
-        self, C: int, num_classes: int, layers: int, auxiliary: bool, genotype: Genotype, *, in_chans: int = 3
+        self,
+        C: int,
+        num_classes: int,
+        layers: int,
+        auxiliary: bool,
+        genotype: Genotype | AcaGenotype,
+        *,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, 3 * C, 3, padding=1, bias=False), nn.BatchNorm2d(3 * C))
@@ -144,7 +212,9 @@ class NetworkImageNet(_EvalNetwork):
     """DARTS evaluation network for 224 x 224 inputs: two strided stems (1/4 and 1/8 resolution), ``layers`` cells,
     the official fixed 7 x 7 average pool (so other input sizes are not supported). Returns ``(logits, logits_aux)``."""
 
-    def __init__(self, C: int, num_classes: int, layers: int, auxiliary: bool, genotype: Genotype) -> None:
+    def __init__(
+        self, C: int, num_classes: int, layers: int, auxiliary: bool, genotype: Genotype | AcaGenotype
+    ) -> None:
         super().__init__()
         self.stem0 = nn.Sequential(
             nn.Conv2d(3, C // 2, 3, stride=2, padding=1, bias=False),
@@ -178,9 +248,11 @@ def darts_v2_imagenet(**kwargs) -> NetworkImageNet:
     )
 
 
-def resolve_genotype(genotype: Genotype | str) -> Genotype:
-    """A genotype given as itself, a published name (``DARTS_V2``, ...), a genotype JSON file, or a search run's
-    folder (its latest ``genotype.json``)."""
+def resolve_genotype(genotype: Genotype | AcaGenotype | str) -> Genotype | AcaGenotype:
+    """A genotype given as itself, a published name (``DARTS_V2``, ...), a genotype JSON file of either kind (an ACA
+    search writes ``genotype_aca.json``), or a search run's folder (its latest plain ``genotype.json``)."""
+    if isinstance(genotype, AcaGenotype):
+        return validate_aca_genotype(genotype)
     if not isinstance(genotype, str):
         return validate_genotype(genotype)
     if genotype in PUBLISHED:
@@ -191,7 +263,7 @@ def resolve_genotype(genotype: Genotype | str) -> Genotype:
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"genotype file {path} does not exist")
-        return load_genotype(path)
+        return read_genotype(path)
     raise ValueError(
         f"genotype {genotype!r}: neither a published genotype ({', '.join(PUBLISHED)}) nor a JSON file or run folder"
     )
@@ -199,7 +271,7 @@ def resolve_genotype(genotype: Genotype | str) -> Genotype:
 
 @register_model(meta={"source": "DARTS (Liu et al. 2019) CIFAR evaluation network from any genotype"})
 def darts_cifar(
-    genotype: Genotype | str = "DARTS_V2",
+    genotype: Genotype | AcaGenotype | str = "DARTS_V2",
     C: int = 36,
     num_classes: int = 10,
     layers: int = 20,

@@ -10,6 +10,10 @@
 
 A dtype or device change keeps them leaves but makes new tensors: move the model before creating the optimizer of α
 (as with parameters).
+
+Variants plug in by constructor argument, not by a copied network: ``mixed_op`` builds each edge (default
+:class:`MixedOp`; PC-DARTS: :func:`~swinlab.nas.pc.partial_channels`) and ``edge_normalization`` adds PC-DARTS's
+per-edge weights ``betas_normal`` / ``betas_reduce`` (kept like α).
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from torch import nn
 from torch.func import functional_call
 
 from swinlab.models.registry import register_model
-from swinlab.nas.genotypes import PRIMITIVES, Genotype, derive_genotype, num_edges
+from swinlab.nas.genotypes import PRIMITIVES, SEARCH_SPACES, Genotype, derive_genotype, num_edges
 from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
+from swinlab.nas.pc import MixedOpFactory, edge_weights
+from swinlab.nas.pc import partial_channels as partial_channels_op
 
 ALPHA_NAMES = ("alphas_normal", "alphas_reduce")
+BETA_NAMES = ("betas_normal", "betas_reduce")
 
 
 class MixedOp(nn.Module):
@@ -55,8 +62,10 @@ class SearchCell(nn.Module):
         reduction: bool,
         reduction_prev: bool,
         primitives: Sequence[str] = PRIMITIVES,
+        mixed_op: MixedOpFactory | None = None,
     ) -> None:
         super().__init__()
+        mixed_op = MixedOp if mixed_op is None else mixed_op
         self.reduction = reduction
         self.multiplier = multiplier
         self._steps = steps
@@ -67,14 +76,25 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         # Edge order: node 0 reads states 0, 1; node 1 reads 0, 1, 2; ... (the rows of α).
         self._ops = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1, primitives) for i in range(steps) for j in range(2 + i)
+            mixed_op(C, 2 if reduction and j < 2 else 1, primitives) for i in range(steps) for j in range(2 + i)
         )
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``weights``: the operation weights of every edge (rows of softmax(α)); ``edge_weights``: one weight per
+        edge scaling its output (PC-DARTS's normalised β), or ``None``."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):
-            states.append(sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states)))
+            if edge_weights is None:
+                node = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            else:
+                node = sum(
+                    edge_weights[offset + j] * self._ops[offset + j](h, weights[offset + j])
+                    for j, h in enumerate(states)
+                )
+            states.append(node)
             offset += len(states) - 1
         return torch.cat(states[-self.multiplier :], dim=1)
 
@@ -85,7 +105,9 @@ class SearchNetwork(nn.Module):
     by all normal cells and one by all reduction cells.
 
     ``criterion`` (default cross-entropy) gives :meth:`_loss`; ``primitives`` is the search space (default the
-    official eight operations, α columns in that order); ``in_chans`` the image channels (official: 3)."""
+    official eight operations, α columns in that order); ``in_chans`` the image channels (official: 3);
+    ``mixed_op`` builds each edge (default :class:`MixedOp`); ``edge_normalization`` adds one β per edge (init
+    ``1e-3 · N(0, 1)``, softmax over each node's incoming edges), returned by :meth:`arch_parameters` after α."""
 
     def __init__(
         self,
@@ -99,6 +121,8 @@ class SearchNetwork(nn.Module):
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         primitives: Sequence[str] = PRIMITIVES,
         in_chans: int = 3,
+        mixed_op: MixedOpFactory | None = None,
+        edge_normalization: bool = False,
     ) -> None:
         super().__init__()
         unknown = [name for name in primitives if name not in OPS]
@@ -110,7 +134,7 @@ class SearchNetwork(nn.Module):
         C_stem = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_chans, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
         self.cells, C_prev, _ = stack_cells(
-            lambda *shape: SearchCell(steps, multiplier, *shape, primitives=self.primitives),
+            lambda *shape: SearchCell(steps, multiplier, *shape, primitives=self.primitives, mixed_op=mixed_op),
             C,
             layers,
             C_stem,
@@ -121,10 +145,15 @@ class SearchNetwork(nn.Module):
         shape = (num_edges(steps), len(self.primitives))
         for name in ALPHA_NAMES:
             self.register_buffer(name, (1e-3 * torch.randn(shape)).requires_grad_())
+        self.arch_names = ALPHA_NAMES + (BETA_NAMES if edge_normalization else ())
+        """Names of the architecture buffers, in :meth:`arch_parameters` order."""
+        for name in self.arch_names[len(ALPHA_NAMES) :]:
+            self.register_buffer(name, (1e-3 * torch.randn(shape[0])).requires_grad_())
 
     def arch_parameters(self) -> list[torch.Tensor]:
-        """``[alphas_normal, alphas_reduce]``: what the architecture optimizer updates."""
-        return [self.alphas_normal, self.alphas_reduce]
+        """``[alphas_normal, alphas_reduce]`` (then ``betas_normal, betas_reduce`` with edge normalisation): what
+        the architecture optimizer updates."""
+        return [getattr(self, name) for name in self.arch_names]
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         s0 = s1 = self.stem(input)
@@ -132,8 +161,14 @@ class SearchNetwork(nn.Module):
             # One softmax per cell, as officially: α's gradient then sums in the official order (which the
             # finite-difference Hessian-vector product amplifies by 1 / 2R).
             weights = torch.softmax(self.alphas_reduce if cell.reduction else self.alphas_normal, dim=-1)
-            s0, s1 = s1, cell(s0, s1, weights)
+            s0, s1 = s1, cell(s0, s1, weights, self.edge_weights(cell.reduction))
         return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def edge_weights(self, reduction: bool) -> torch.Tensor | None:
+        """The normalised β of the reduction or the normal cell, or ``None`` without edge normalisation."""
+        if len(self.arch_names) == len(ALPHA_NAMES):
+            return None
+        return edge_weights(self.betas_reduce if reduction else self.betas_normal, self._steps)
 
     def _loss(
         self, input: torch.Tensor, target: torch.Tensor, state: dict[str, torch.Tensor] | None = None
@@ -144,8 +179,14 @@ class SearchNetwork(nn.Module):
         return self._criterion(logits, target)
 
     def genotype(self) -> Genotype:
-        """The official derivation (see :func:`~swinlab.nas.genotypes.derive_genotype`)."""
-        return derive_genotype(self.alphas_normal, self.alphas_reduce, self.primitives, self._steps, self._multiplier)
+        """The official derivation (see :func:`~swinlab.nas.genotypes.derive_genotype`), operation weights scaled
+        by the edge weights with edge normalisation (as PC-DARTS derives)."""
+        betas = {}
+        if len(self.arch_names) > len(ALPHA_NAMES):
+            betas = {"betas_normal": self.betas_normal, "betas_reduce": self.betas_reduce}
+        return derive_genotype(
+            self.alphas_normal, self.alphas_reduce, self.primitives, self._steps, self._multiplier, **betas
+        )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -153,14 +194,14 @@ class SearchNetwork(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        for name in ALPHA_NAMES:  # official state dicts have no α: keep ours
+        for name in self.arch_names:  # official state dicts have no α: keep ours
             if prefix + name in missing_keys:
                 missing_keys.remove(prefix + name)
 
     def _apply(self, fn, recurse=True):
         # Buffers are converted outside no_grad, so a dtype / device change would make α a non-leaf.
         super()._apply(fn, recurse)
-        for name in ALPHA_NAMES:
+        for name in self.arch_names:
             alpha = self._buffers[name]
             if alpha.grad_fn is not None:
                 self._buffers[name] = alpha.detach().requires_grad_()
@@ -193,7 +234,32 @@ def darts_search(
     stem_multiplier: int = 3,
     in_chans: int = 3,
     img_size: int | None = None,
+    primitives: str | Sequence[str] = "darts",
+    variant: str = "darts",
+    partial_channels: int = 4,
 ) -> SearchNetwork:
     """The search super-net of ``task: darts_search`` (official search: C 16, 8 cells); ``img_size`` is accepted and
-    ignored (the net pools globally)."""
-    return SearchNetwork(C, num_classes, layers, steps, multiplier, stem_multiplier, in_chans=in_chans)
+    ignored (the net pools globally).
+
+    ``primitives``: a search space by name (``darts``: the official eight; ``aca``: without ``skip_connect``) or a
+    list of operations; ``variant``: ``darts`` (every channel through every mixed edge) or ``pc`` (PC-DARTS: 1 /
+    ``partial_channels`` of the channels through each edge, edge normalisation)."""
+    if isinstance(primitives, str):
+        if primitives not in SEARCH_SPACES:
+            raise ValueError(f"unknown search space {primitives!r}; known: {', '.join(SEARCH_SPACES)}")
+        primitives = SEARCH_SPACES[primitives]
+    if variant not in ("darts", "pc"):
+        raise ValueError(f"unknown DARTS variant {variant!r}; known: darts, pc")
+    pc = variant == "pc"
+    return SearchNetwork(
+        C,
+        num_classes,
+        layers,
+        steps,
+        multiplier,
+        stem_multiplier,
+        in_chans=in_chans,
+        primitives=primitives,
+        mixed_op=partial_channels_op(partial_channels, MixedOp) if pc else None,
+        edge_normalization=pc,
+    )

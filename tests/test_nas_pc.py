@@ -1,0 +1,119 @@
+"""PC-DARTS (swinlab.nas.pc): the partial mixed operation, channel shuffle, edge normalisation in the super-net and
+in the derivation. (Bit-identical to the official yuhuixu1993/PC-DARTS on 20 random α/β: checked outside the tests,
+the official code has no licence to keep a copy here.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swinlab.nas import (
+    PRIMITIVES,
+    Architect,
+    MixedOp,
+    PartialMixedOp,
+    SearchNetwork,
+    channel_shuffle,
+    derive_genotype,
+    edge_weights,
+    partial_channels,
+)
+from swinlab.nas.model_search import darts_search
+
+
+def _weights(n: int = len(PRIMITIVES), seed: int = 0) -> torch.Tensor:
+    return torch.softmax(torch.randn(n, generator=torch.Generator().manual_seed(seed)), -1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_op_with_k1_is_the_plain_mixed_op(stride):
+    torch.manual_seed(0)
+    plain = MixedOp(8, stride)
+    partial = partial_channels(1, MixedOp)(8, stride, PRIMITIVES)
+    partial.mixed.load_state_dict(plain.state_dict())
+    x, w = torch.randn(2, 8, 8, 8), _weights()
+    assert torch.equal(partial(x, w), plain(x, w))
+
+
+def test_channel_shuffle_interleaves_groups():
+    x = torch.arange(8.0).view(1, 8, 1, 1)
+    assert channel_shuffle(x, 4).flatten().tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert torch.equal(channel_shuffle(x, 1), x)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_partial_op_mixes_a_quarter_and_bypasses_the_rest(stride):
+    torch.manual_seed(0)
+    edge = partial_channels(4, MixedOp)(8, stride, PRIMITIVES)
+    assert isinstance(edge, PartialMixedOp) and isinstance(edge.mixed, MixedOp)
+    x, w = torch.randn(2, 8, 8, 8), _weights()
+    out = edge(x, w)
+    assert out.shape == (2, 8, 8 // stride, 8 // stride)
+    bypass = x[:, 2:] if stride == 1 else torch.nn.functional.max_pool2d(x[:, 2:], 2, 2)
+    # after the shuffle, channels 4g + i come from group g's i-th channel: group 0 is the mixed part
+    unshuffled = out.view(2, 2, 4, *out.shape[2:]).transpose(1, 2).reshape(out.shape)
+    assert torch.equal(unshuffled[:, 2:], bypass)
+    assert torch.equal(unshuffled[:, :2], edge.mixed(x[:, :2], w))
+
+
+def test_partial_channels_refuses_an_uneven_split():
+    with pytest.raises(ValueError, match="a cell of 6 channels does not split into K=4"):
+        partial_channels(4, MixedOp)(6, 1, PRIMITIVES)
+
+
+def test_edge_weights_softmax_per_node():
+    betas = torch.randn(14)
+    w = edge_weights(betas, 4)
+    for start, size in ((0, 2), (2, 3), (5, 4), (9, 5)):
+        assert torch.allclose(w[start : start + size], torch.softmax(betas[start : start + size], -1))
+    with pytest.raises(ValueError, match=r"β has shape \(9,\), the cell needs \(14,\)"):
+        edge_weights(torch.zeros(9), 4)
+
+
+def test_pc_super_net_has_betas_and_derives_with_them():
+    torch.manual_seed(0)
+    net = darts_search(C=8, num_classes=5, layers=3, variant="pc", partial_channels=4)
+    names = [n for n, _ in net.named_buffers() if n.startswith(("alphas", "betas"))]
+    assert names == ["alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce"]
+    assert [tuple(a.shape) for a in net.arch_parameters()] == [(14, 8), (14, 8), (14,), (14,)]
+    # node 0: edge 1 has the stronger operation, but β moves node 0's choice order to edge 0 first
+    with torch.no_grad():
+        net.alphas_normal.zero_()
+        net.alphas_normal[0, 4], net.alphas_normal[1, 5] = 1.0, 1.5
+        net.betas_normal.zero_()
+        net.betas_normal[0] = 2.0
+    g = net.genotype()
+    assert g.normal[:2] == [("sep_conv_3x3", 0), ("sep_conv_5x5", 1)]
+    plain = derive_genotype(net.alphas_normal, net.alphas_reduce)
+    assert plain.normal[:2] == [("sep_conv_5x5", 1), ("sep_conv_3x3", 0)]
+    with pytest.raises(ValueError, match="both betas_normal and betas_reduce"):
+        derive_genotype(net.alphas_normal, net.alphas_reduce, betas_normal=net.betas_normal)
+
+
+def test_pc_super_net_trains_alpha_and_beta_with_the_architect():
+    torch.manual_seed(0)
+    net = darts_search(C=8, num_classes=5, layers=3, variant="pc")
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    sgd = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9)
+    arch = Architect(net, momentum=0.9, weight_decay=3e-4, arch_learning_rate=3e-2, arch_weight_decay=1e-3)
+    before = [a.detach().clone() for a in net.arch_parameters()]
+    for unrolled in (False, True):
+        grads = arch.alpha_grads(x, y, x, y, 0.025, sgd, unrolled)
+        assert [g.shape for g in grads] == [a.shape for a in net.arch_parameters()]
+        assert all(g.abs().sum() > 0 for g in grads)
+    arch.step(x, y, x, y, 0.025, sgd, unrolled=False)
+    assert all(not torch.equal(a, b) for a, b in zip(net.arch_parameters(), before, strict=True))
+    # a checkpoint carries β too, and a dtype change keeps it a leaf
+    other = darts_search(C=8, num_classes=5, layers=3, variant="pc")
+    other.load_state_dict(net.state_dict())
+    assert torch.equal(other.betas_reduce, net.betas_reduce)
+    other.double()
+    assert all(a.is_leaf and a.requires_grad for a in other.arch_parameters())
+
+
+def test_search_network_variant_errors():
+    with pytest.raises(ValueError, match="unknown DARTS variant 'gdas'"):
+        darts_search(C=8, layers=3, variant="gdas")
+    with pytest.raises(ValueError, match="unknown search space 'nasnet'"):
+        darts_search(C=8, layers=3, primitives="nasnet")
+    assert isinstance(darts_search(C=4, layers=3, primitives=["none", "sep_conv_3x3"]), SearchNetwork)
