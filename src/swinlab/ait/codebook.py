@@ -85,21 +85,24 @@ class _Quantizer(nn.Module):
         if d != self.dim:
             raise ValueError(f"encoder output has {d} channels but the codebook vectors have {self.dim}")
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        self._before_search(flat.detach())
+        learn = self.training and flat.device.type != "meta"  # the meta device (shapes only) has no data to learn
+        if learn:
+            self._before_search(flat.detach())
         ids = self.nearest(flat.detach())
         codes = F.embedding(ids, self.codebook)
         loss = self._losses(codes, flat)
-        counts = torch.bincount(ids, minlength=self.num_codes)
-        reseeded = self._learn(flat.detach(), ids, counts) if self.training else 0
+        ones = torch.ones_like(ids, dtype=flat.dtype)
+        counts = torch.zeros(self.num_codes, dtype=flat.dtype, device=flat.device).index_add_(0, ids, ones)
+        reseeded = self._learn(flat.detach(), ids, counts) if learn else 0
         straight = flat + (codes - flat).detach()
-        probs = counts.to(flat.dtype) / ids.numel()
+        probs = counts / ids.numel()
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         usage = (counts > 0).sum().to(flat.dtype) / self.num_codes
         latents = straight.view(b, h, w, d).permute(0, 3, 1, 2).contiguous()
         return Quantized(latents, ids.view(b, h, w), loss, perplexity, usage, reseeded)
 
     def _before_search(self, flat: torch.Tensor) -> None:
-        """Hook for a lazy data-driven initialisation."""
+        """Training-mode hook before the search (a lazy data-driven initialisation)."""
 
 
 class EMACodebook(_Quantizer):
@@ -151,7 +154,7 @@ class EMACodebook(_Quantizer):
 
     @torch.no_grad()
     def _before_search(self, flat: torch.Tensor) -> None:
-        if self.training and self.init == "data" and not self._ema_cluster_size.any():
+        if self.init == "data" and not self._ema_cluster_size.any():
             self._embedding.copy_(self._sample(flat, self.num_codes))
             self._ema_w.copy_(self._embedding)
             self._ema_cluster_size.fill_(1.0)
@@ -159,7 +162,7 @@ class EMACodebook(_Quantizer):
     @torch.no_grad()
     def _learn(self, flat: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> int:
         g, eps, k = self.decay, self.epsilon, self.num_codes
-        size = self._ema_cluster_size * g + (1 - g) * counts.to(flat.dtype)
+        size = self._ema_cluster_size * g + (1 - g) * counts
         n = size.sum()
         size = (size + eps) / (n + k * eps) * n  # Laplace smoothing: no code's size reaches 0
         sums = torch.zeros_like(self._ema_w).index_add_(0, ids, flat)

@@ -36,13 +36,17 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The valid-pixel losses average by masked sums rather than boolean indexing: no data-dependent shapes, so they
+# trace (torch.compile) and run on the meta device (``swinlab info``); they equal the official means to rounding.
 def _mse_ignore_zero(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return (target[valid] - out[valid]).pow(2).mean()
+    return torch.where(valid, target - out, 0.0).pow(2).sum() / valid.sum()
 
 
 def _si_log(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, lambd: float = 0.5) -> torch.Tensor:
-    diff = torch.log(target[valid]) - torch.log(out[valid])
-    return torch.sqrt(diff.pow(2).mean() - lambd * diff.mean().pow(2))
+    # invalid pixels get log(1) - log(1) = 0 (and no gradient), whatever the prediction there
+    diff = torch.log(torch.where(valid, target, 1.0)) - torch.log(torch.where(valid, out, 1.0))
+    n = valid.sum()
+    return torch.sqrt(diff.pow(2).sum() / n - lambd * (diff.sum() / n).pow(2))
 
 
 LOSSES = {
@@ -289,6 +293,11 @@ class SoftVQVAE(nn.Module):
         side = self.image_size // self.downsample
         return side, side
 
+    @property
+    def img_size(self) -> int:
+        """``image_size`` under the name the toolkit's tools read (``swinlab info`` measures this input)."""
+        return self.image_size
+
     def _as_batch(self, x: torch.Tensor, what: str) -> torch.Tensor:
         """``(B, C, H, W)`` (or ``(B, H, W)`` for one channel) checked for the kind, in the model's dtype."""
         if not isinstance(x, torch.Tensor):
@@ -307,6 +316,8 @@ class SoftVQVAE(nn.Module):
                 f"{self.kind} {what} size {(h, w)} (H, W) is not a multiple of the tokenizer's downsampling "
                 f"{self.downsample}"
             )
+        if x.device.type == "meta":  # shapes only (``swinlab info``): no values to check
+            return x.to(self.encoder[0].weight.dtype)
         if self.kind == "depth":
             if not x.is_floating_point():
                 raise TypeError(
@@ -326,6 +337,8 @@ class SoftVQVAE(nn.Module):
         return x.to(self.encoder[0].weight.dtype)
 
     def _require_valid(self, depth: torch.Tensor, what: str) -> None:
+        if depth.device.type == "meta":
+            return
         has_valid = (depth > 0).flatten(1).any(1)
         if not has_valid.all():
             i = int((~has_valid).nonzero()[0])
