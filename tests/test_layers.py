@@ -234,13 +234,13 @@ def test_v2_bias_cache_invalidated_by_parameter_updates():
     attn = WindowAttentionV2(8, 2).eval()
     geom = window_geometry((4, 4), (4, 4), (0, 0))
     with torch.no_grad():
-        first = attn.attention_bias(geom, CPU, torch.float32)
-        assert attn.attention_bias(geom, CPU, torch.float32) is first  # cached
+        first, _ = attn.attention_bias(geom, CPU, torch.float32)
+        assert attn.attention_bias(geom, CPU, torch.float32)[0] is first  # cached
         attn.cpb_mlp[2].weight.add_(1.0)
-        second = attn.attention_bias(geom, CPU, torch.float32)
+        second, _ = attn.attention_bias(geom, CPU, torch.float32)
     assert second is not first and not torch.equal(second, first)
     attn.train()
-    assert attn.attention_bias(geom, CPU, torch.float32).requires_grad  # no cache while training
+    assert attn.attention_bias(geom, CPU, torch.float32)[0].requires_grad  # no cache while training
 
 
 def test_v1_attention_smaller_window_uses_matching_offsets():

@@ -102,34 +102,41 @@ def cosine_qkv(qkv: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def windowed_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout_p: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    dropout_p: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over ``(B, nW, h, N, d)`` inputs with an additive ``bias`` of shape ``(h, N, N)`` (same for
-    every window) or ``(nW, h, N, N)`` (per window: position bias + mask), no extra scaling. Returns the
-    heads merged, ``(B, nW, N, h * d)``, ready for the output projection.
+    every window) or ``(nW, h, N, N)`` (per window), plus an optional constant window ``mask`` ``(nW, N, N)``, no
+    extra scaling. Returns the heads merged, ``(B, nW, N, h * d)``, ready for the output projection.
 
     Without a gradient for the bias (inference, frozen bias) the fused CPU/CUDA kernels run on 4D views of
     the inputs with windows folded into the batch (5D inputs or 2-3D masks fall back to the unfused path,
     ~3x slower on CPU), so the inputs are never copied into another layout. A bias that needs a gradient
     (training: the CPB MLP or the bias table learns) rules the fused CPU kernel out, and SDPA's unfused
     fallback adds several masking passes over the logits, so the plain formula is used instead (~1.5x faster
-    forward + backward on CPU).
+    forward + backward on CPU), in cache-sized chunks where the logits are large
+    (:mod:`~swinlab.layers.bias_attention`).
     """
     b, nw, h, n, d = q.shape
     if _bias_needs_grad(bias) and dropout_p == 0.0 and worth_chunking(q):
-        return chunked_bias_attention(q, k, v, bias.to(q.dtype))
+        return chunked_bias_attention(q, k, v, bias.to(q.dtype), None if mask is None else mask.to(q.dtype))
+    if mask is not None:
+        bias = bias[None] + mask[:, None]
+    bias = bias.to(q.dtype)
     if _bias_needs_grad(bias):
         logits = q @ k.transpose(-2, -1)
-        logits += bias.to(q.dtype)  # in place: a matmul's backward does not need its output
+        logits += bias  # in place: a matmul's backward does not need its output
         attn = torch.softmax(logits, dim=-1)
         out = F.dropout(attn, dropout_p) @ v
         return out.transpose(2, 3).reshape(b, nw, n, h * d)
     # A per-window bias is repeated for every image (the kernel broadcasts size-1 dims only): B copies of
     # (nW, h, N, N) cost less than moving q, k, v into a layout where windows fold into heads.
     mask = bias[None] if bias.dim() == 3 else bias.expand(b, *bias.shape).flatten(0, 1)
-    out = F.scaled_dot_product_attention(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask.to(q.dtype), dropout_p, scale=1.0
-    )
+    out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask, dropout_p, scale=1.0)
     return out.view(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, h * d)
 
 
@@ -169,10 +176,13 @@ class _WindowAttention(nn.Module):
         self._bias_cache.clear()
         return super().train(mode)
 
-    def attention_bias(self, geom: WindowGeometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Position bias plus the window mask, ``(h, N, N)`` or ``(nW, h, N, N)``.
+    def attention_bias(
+        self, geom: WindowGeometry, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Position bias ``(h, N, N)`` and window mask ``(nW, N, N)`` (or None), as :func:`windowed_sdpa` takes them.
 
-        In inference (eval mode, no autograd) the sum is cached per geometry. The cache is dropped on every
+        In inference (eval mode, no autograd) their sum, in ``dtype``, is cached per geometry and returned as the
+        bias (mask None). The cache is dropped on every
         ``train()`` / ``eval()`` call and when a parameter's version counter moves (``load_state_dict``, in-place
         ops); code that changes weights in eval mode without either (fused optimizer steps, ``.data`` writes)
         must call ``model.eval()`` again.
@@ -182,17 +192,18 @@ class _WindowAttention(nn.Module):
             key = (geom, device, dtype, self._cache_key())
             cached = self._bias_cache.get(key)
             if cached is not None:
-                return cached
+                return cached, None
         bias = self.position_bias(geom.window)
         mask = window_mask(geom, device)
+        if not cacheable:
+            return bias, mask
         if mask is not None:
             bias = bias[None] + mask[:, None]
         bias = bias.to(dtype)
-        if cacheable:
-            if len(self._bias_cache) >= 4:
-                self._bias_cache.clear()
-            self._bias_cache[key] = bias
-        return bias
+        if len(self._bias_cache) >= 4:
+            self._bias_cache.clear()
+        self._bias_cache[key] = bias
+        return bias, None
 
     def forward(self, x: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
         """``x``: windows ``(B, nW, N, C)`` produced for ``geom``; returns the same shape."""
@@ -203,8 +214,8 @@ class _WindowAttention(nn.Module):
         if bias is not None:
             qkv += bias  # in place: a projection's backward never needs its own output
         q, k, v = self._heads(qkv.view(b, nw, n, 3, self.num_heads, -1))
-        bias = self.attention_bias(geom, x.device, q.dtype)
-        out = windowed_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0)
+        bias, mask = self.attention_bias(geom, x.device, q.dtype)
+        out = windowed_sdpa(q, k, v, bias, self.attn_drop if self.training else 0.0, mask)
         return self.proj_drop(self.proj(out))
 
 
