@@ -121,6 +121,23 @@ def test_wrapped_official_checkpoint_loads(mask_case):
     assert torch.equal(vae.encode(mask_case["input"]), mask_case["ids"])
 
 
+def test_task_head_config_builds_the_same_tokenizer(depth_case, tmp_path):
+    """AiT's heads describe the tokenizer by token_length / mask_size / decoder top width (golden ``head_config``)."""
+    path = tmp_path / "vqvae_depth.pt"
+    torch.save({"weights": {f"module.{k}": v for k, v in depth_case["state_dict"].items()}}, path)
+    head = SoftVQVAE.from_official_head({**depth_case["head_config"], "pretrained": str(path)})
+    assert head.kind == "depth" and head.tau == 0.8 and not head.training
+    assert not any(p.requires_grad for p in head.parameters())
+    assert official_geometry(head.state_dict()) == official_geometry(depth_case["state_dict"])
+    assert torch.equal(head.encode(depth_case["input"][:, 0]).flatten(1), depth_case["head_tokens"])
+    with torch.no_grad():
+        _close(head.decode_soft(depth_case["soft_logits"])[:, 0], depth_case["soft_decode"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        SoftVQVAE.from_official_head({**depth_case["head_config"], "pretrained": str(tmp_path / "missing.pt")})
+    with pytest.raises(ValueError, match="did you mean 'token_length'"):
+        SoftVQVAE.from_official_head({"token_lenght": 16})
+
+
 def test_float64_matches_float32_ids(depth_case):
     vae = _official(depth_case).double()
     assert torch.equal(vae.encode(depth_case["input"].double()), depth_case["indices"])

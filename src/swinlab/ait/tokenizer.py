@@ -77,6 +77,21 @@ OFFICIAL_KEYS = {
 }
 """Keyword arguments of the official ``VQVAE`` (spelling kept, ``residul_type`` included) and their defaults."""
 
+OFFICIAL_HEAD_KEYS = {
+    "token_length": 16,
+    "mask_size": 64,
+    "embedding_dim": 512,
+    "num_embeddings": 1024,
+    "pretrained": None,
+    "freeze": True,
+    "num_resnet_blocks": 2,
+    "hidden_dim": 256,
+    "use_norm": True,
+    "use_sigmoid": False,
+    "tau": 1.0,
+}
+"""Keyword arguments of the task-head copy (``vae_cfg`` in AiT's configs); ``pretrained`` defaults to no file here."""
+
 
 class ResidualBlock(nn.Module):
     """``x + [conv3x3, ReLU, conv3x3, ReLU, conv1x1](x)``, every conv with a bias (official ``v1``)."""
@@ -285,6 +300,42 @@ class SoftVQVAE(nn.Module):
         }
         _check_keys(options, (*args, "tau"), "SoftVQVAE option")
         return cls(**{**args, **options})
+
+    @classmethod
+    def from_official_head(cls, config: Mapping[str, Any], **options: Any) -> SoftVQVAE:
+        """Build the frozen tokenizer an AiT task head describes (``vae_cfg`` of ``ait/configs``,
+        :data:`OFFICIAL_HEAD_KEYS`): the grid side is ``sqrt(token_length)``, the downsampling ``mask_size`` / side,
+        and ``hidden_dim`` is the decoder's top width (first width x downsample / 2); one channel, ``max_value`` 1,
+        EMA 0.99, β 0.25, ``v1`` blocks, as the head hard-wires. ``use_norm=False`` makes a depth tokenizer.
+        ``pretrained`` (a path) is loaded strictly; ``freeze`` leaves the model in eval mode without gradients."""
+        _check_keys(config, OFFICIAL_HEAD_KEYS, "official task-head VQVAE config")
+        cfg = {**OFFICIAL_HEAD_KEYS, **config}
+        if cfg["use_sigmoid"]:
+            raise ValueError(
+                "use_sigmoid=True (a sigmoid on decoded maps) is not supported; no released config uses it"
+            )
+        side = math.isqrt(cfg["token_length"])
+        if side * side != cfg["token_length"] or cfg["mask_size"] % side:
+            raise ValueError(
+                f"token_length {cfg['token_length']} is not a square grid dividing mask_size {cfg['mask_size']}"
+            )
+        downsample = cfg["mask_size"] // side
+        official = {
+            "image_size": cfg["mask_size"],
+            "num_resnet_blocks": cfg["num_resnet_blocks"],
+            "downsample_ratio": downsample,
+            "num_tokens": cfg["num_embeddings"],
+            "codebook_dim": cfg["embedding_dim"],
+            "hidden_dim": cfg["hidden_dim"] // max(downsample // 2, 1),
+            "use_norm": cfg["use_norm"],
+            "loss_type": "mse" if cfg["use_norm"] else "mse_ignore_zero",
+        }
+        vae = cls.from_official(official, **{"tau": cfg["tau"], **options})
+        if cfg["pretrained"] is not None:
+            from swinlab.models.checkpoints import load_official  # safetensors is imported only when needed
+
+            load_official(vae, cfg["pretrained"], strict=True)
+        return vae.eval().requires_grad_(False) if cfg["freeze"] else vae
 
     # ----------------------------------------------------------------------------------------------- inputs
     @property
