@@ -5,11 +5,16 @@ kept" = the plain network, ACA on top of PC-DARTS."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
+from swinlab.cli import main as cli_main
+from swinlab.engine import load_checkpoint
 from swinlab.nas import (
     ACA_PRIMITIVES,
     AcaEdge,
@@ -33,6 +38,7 @@ from swinlab.nas import (
 from swinlab.nas.genotypes import DARTS_V1, DARTS_V2, genotype_to_dict, validate_aca_genotype, validate_genotype
 from swinlab.nas.model_eval import FactorizedReduce, darts_cifar
 from swinlab.nas.model_search import darts_search
+from test_nas_tasks import KILL_STEP, KILLING, TESTS, _eval_recipe, _recipe, _rows, _same
 
 
 def _batches(n: int = 2, size: int = 16, classes: int = 5, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -292,3 +298,55 @@ def test_eval_network_refuses_a_bad_aca_genotype():
     with pytest.raises(ValueError, match=r"normal cell, node 0 \(edge 1\): input 3 out of range"):
         NetworkCIFAR(8, 10, 3, False, bad)
     assert isinstance(NetworkCIFAR(8, 10, 3, False, _aca_v2()).cells[0]._ops[0].rest, nn.Identity)
+
+
+# --- through the engine -----------------------------------------------------------------------------------------------
+
+
+def test_aca_search_writes_an_aca_genotype_and_the_eval_task_trains_it(tmp_path):
+    run = tmp_path / "search"
+    settings = {"epochs": 2, "task.aca": True, "task.aca_importance": "taylor", "task.aca_batches": 2,
+                "model.kwargs": "{C: 4, layers: 3, primitives: aca}"}  # fmt: skip
+    assert cli_main(["train", str(_recipe(tmp_path / "s.yaml", run, **settings))]) == 0
+    g = load_aca_genotype(run / "genotype_aca.json", ACA_PRIMITIVES)
+    assert (run / "genotype_aca.json").read_text() == (run / "genotype_aca_epoch2.json").read_text()
+    assert [(n, j) for n, j, _ in g.normal] == load_genotype(run / "genotype.json").normal
+    assert (run / "cells_aca.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((run / "alphas.json").read_text())
+    assert [r["aca_genotype"]["kind"] for r in history] == ["aca", "aca"]
+    assert len(history[0]["normal"][0]) == 7  # α over the 7 operations without skip
+    evaluation = tmp_path / "eval"
+    assert cli_main(["train", str(_eval_recipe(tmp_path / "e.yaml", evaluation, str(run / "genotype_aca.json")))]) == 0
+    state = torch.load(evaluation / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    reference = NetworkCIFAR(2, 10, 3, True, g, in_chans=1).state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+
+
+def test_aca_search_refuses_skip_in_the_search_space_and_unknown_strategies(tmp_path, capsys):
+    recipe = _recipe(tmp_path / "s.yaml", tmp_path / "run", **{"task.aca": True})
+    assert cli_main(["train", str(recipe)]) != 0
+    assert "task.aca searches without skip_connect: set model.kwargs.primitives: aca" in capsys.readouterr().err
+    recipe = _recipe(tmp_path / "t.yaml", tmp_path / "run2", **{"task.aca_importance": "fisher"})
+    assert cli_main(["train", str(recipe)]) != 0
+    assert "unknown channel importance 'fisher'; known: magnitude, taylor" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_aca_on_pc_darts_search_killed_mid_epoch_resumes_bit_exactly(tmp_path):
+    settings = {"task.name": KILLING, "task.aca": True, "data.train_limit": 16,
+                "model.kwargs": "{C: 4, layers: 3, primitives: aca, variant: pc}"}  # fmt: skip
+    assert cli_main(["train", str(_recipe(tmp_path / "full.yaml", tmp_path / "full", **settings))]) == 0
+    killed = _recipe(tmp_path / "killed.yaml", tmp_path / "killed", **settings)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "NAS_KILL_AT_STEP": str(KILL_STEP)}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "swinlab", "train", str(killed)], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert cli_main(["train", str(killed)]) == 0
+    assert _rows(tmp_path / "full") == _rows(tmp_path / "killed")
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in ("full", "killed"))
+    for key in ("model", "optimizers", "task", "step"):
+        _same(a[key], b[key], key)
+    assert a["model"]["betas_normal"].shape == (14,)
+    for name in ("alphas.json", "genotype_aca.json", "genotype_aca_epoch2.json"):
+        assert (tmp_path / "full" / name).read_text() == (tmp_path / "killed" / name).read_text()

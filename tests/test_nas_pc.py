@@ -4,9 +4,13 @@ the official code has no licence to keep a copy here.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from swinlab.cli import main as cli_main
+from swinlab.engine import load_checkpoint
 from swinlab.nas import (
     PRIMITIVES,
     Architect,
@@ -19,6 +23,7 @@ from swinlab.nas import (
     partial_channels,
 )
 from swinlab.nas.model_search import darts_search
+from test_nas_tasks import _recipe
 
 
 def _weights(n: int = len(PRIMITIVES), seed: int = 0) -> torch.Tensor:
@@ -117,3 +122,14 @@ def test_search_network_variant_errors():
     with pytest.raises(ValueError, match="unknown search space 'nasnet'"):
         darts_search(C=8, layers=3, primitives="nasnet")
     assert isinstance(darts_search(C=4, layers=3, primitives=["none", "sep_conv_3x3"]), SearchNetwork)
+
+
+def test_pc_search_through_the_engine_waits_arch_start_epoch(tmp_path):
+    run = tmp_path / "run"
+    settings = {"epochs": 2, "task.arch_start_epoch": 1, "model.kwargs": "{C: 4, layers: 3, variant: pc}"}
+    assert cli_main(["train", str(_recipe(tmp_path / "r.yaml", run, **settings))]) == 0
+    history = json.loads((run / "alphas.json").read_text())
+    assert [r["arch_updates"] for r in history] == [0, 4]  # 4 steps an epoch, α still in the first
+    assert len(history[0]["edges_normal"]) == 14 and history[0]["edges_normal"] != history[1]["edges_normal"]
+    state = load_checkpoint(run / "checkpoint.pt")["model"]
+    assert state["betas_reduce"].shape == (14,) and "cells.0._ops.0.mixed._ops.4.op.1.weight" in state

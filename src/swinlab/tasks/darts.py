@@ -22,6 +22,17 @@ weights to ``alphas.json``, and draws both cells into ``cells_epoch<N>.png`` / `
 The step logs ``skip_share`` (mean softmax weight of ``skip_connect`` over the normal cell's edges) and
 ``skip_count`` (skip edges in the derived normal cell): the signs of DARTS's collapse.
 
+**Variants.** PC-DARTS is the super-net's choice (``model.kwargs.variant: pc``, ``partial_channels: 4``): its β are
+architecture parameters like α, so the same architect step, checkpoints and history carry them.
+``task.arch_start_epoch`` holds α still for the first epochs (PC-DARTS's official search: 15).
+
+**ACA** (``task.aca: true``, with the super-net's ``model.kwargs.primitives: aca``, the space without skip): after
+every epoch the task measures the channel importance of every mixed edge on the ``heldout`` loader (the super-net in
+eval mode; on the main rank's shard) and writes the ACA genotype beside the plain one, ``genotype_aca.json`` (+
+``genotype_aca_epoch<N>.json``) and ``cells_aca.png``; strategies by name, ``aca_importance`` and
+``aca_allocation`` (see :mod:`swinlab.nas.aca`, the toolkit's reading of ACA). ``darts_eval`` trains it from its
+JSON file (``model.kwargs.genotype: <run>/genotype_aca.json``).
+
 **Evaluation.** ``model.name: darts_cifar`` builds :class:`~swinlab.nas.model_eval.NetworkCIFAR` from a genotype
 given by name (``DARTS_V2``), JSON file, or search run folder. The loss is ``CE(logits) + auxiliary_weight *
 CE(logits_aux)``; drop path rises linearly, ``drop_path_prob * epoch / drop_path_epochs`` at each epoch's start (the
@@ -43,8 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from swinlab.config import Count, NonNegative, NonNegativeInt, Positive, Probability, TaskConfig
+from swinlab.nas.aca import aca_genotype, allocation_strategy, importance_strategy
 from swinlab.nas.architect import Architect
-from swinlab.nas.genotypes import Genotype, genotype_to_dict, save_genotype
+from swinlab.nas.genotypes import AcaGenotype, Genotype, genotype_to_dict, save_genotype
 from swinlab.nas.model_eval import NetworkCIFAR
 from swinlab.nas.model_search import SearchNetwork
 from swinlab.tasks.base import Batch, Logs, OptimizerSpec, Step, Task, model_device, move_to
@@ -108,6 +120,18 @@ class DartsSearchConfig(TaskConfig):
     """Make the weight optimizer the official SGD: plain momentum, decay on every weight (see the module notes)."""
     cell_diagrams: bool = True
     """Draw the derived cells into ``cells_epoch<N>.png`` and ``cells.png`` after every epoch."""
+    arch_start_epoch: NonNegativeInt = 0
+    """Epochs of weight training before α moves (official DARTS: 0; PC-DARTS: 15)."""
+    aca: bool = False
+    """Derive an ACA genotype after every epoch (needs a search space without skip: ``model.kwargs.primitives:
+    aca``)."""
+    aca_importance: str = "magnitude"
+    """Channel importance of ACA: ``magnitude`` (mean |output|) or ``taylor`` (|output · gradient|)."""
+    aca_allocation: str = "mass"
+    """ACA's allocation rule: ``mass`` (importance share reaching the edge's non-``none`` weight) or ``alpha`` (the
+    non-``none`` weight itself)."""
+    aca_batches: Count | None = None
+    """Held-out batches the importance is measured on; ``null``: the whole held-out loader."""
 
 
 class DartsSearchTask(Task):
@@ -119,8 +143,14 @@ class DartsSearchTask(Task):
     best_metric = ("val_top1", "max")
     loaders = ("heldout",)
 
-    def __init__(self, config: DartsSearchConfig | None = None) -> None:
+    def __init__(
+        self, config: DartsSearchConfig | None = None, train_loader: Any = None, heldout_loader: Any = None
+    ) -> None:
         self.config = config or DartsSearchConfig()
+        importance_strategy(self.config.aca_importance)  # unknown names fail before the run starts
+        allocation_strategy(self.config.aca_allocation)
+        self.train_loader = train_loader
+        self.heldout_loader = heldout_loader
         self.arch_updates = 0
         """Architecture steps taken (task state)."""
         self.arch_skipped = 0
@@ -130,7 +160,7 @@ class DartsSearchTask(Task):
 
     @classmethod
     def from_config(cls, config: DartsSearchConfig, data: DataBundle) -> DartsSearchTask:
-        return cls(config)
+        return cls(config, data.train_loader, data.extra_loaders.get("heldout"))
 
     def prepare_model(self, model: nn.Module) -> SearchNetwork:
         if not isinstance(model, SearchNetwork):
@@ -138,6 +168,8 @@ class DartsSearchTask(Task):
                 "task darts_search searches with a DARTS super-net (model.name: darts_search), "
                 f"got {type(model).__name__}"
             )
+        if self.config.aca and "skip_connect" in model.primitives:
+            raise ValueError("task.aca searches without skip_connect: set model.kwargs.primitives: aca")
         return model
 
     def optimizers(self, model: nn.Module) -> dict[str, OptimizerSpec]:
@@ -170,10 +202,11 @@ class DartsSearchTask(Task):
         architect = self.architect(module, weights)
         images, labels = move_to(batch, device)
         valid_images, valid_labels = move_to(step.batch("heldout"), device)
-        grads = architect.alpha_grads(
-            images, labels, valid_images, valid_labels, step.lr("weights"), weights, self.config.unrolled
-        )
-        self._arch_update(architect, grads)
+        if self.epoch() >= self.config.arch_start_epoch:
+            grads = architect.alpha_grads(
+                images, labels, valid_images, valid_labels, step.lr("weights"), weights, self.config.unrolled
+            )
+            self._arch_update(architect, grads)
         with step.update("weights"):
             logits = step.model(images)
             loss = F.cross_entropy(logits.float(), labels)
@@ -182,6 +215,10 @@ class DartsSearchTask(Task):
             alpha.grad = None
         share, count = skip_statistics(module)
         return {"loss": loss.detach(), "skip_share": torch.tensor(share), "skip_count": torch.tensor(float(count))}
+
+    def epoch(self) -> int:
+        """The 0-based training epoch (the engine sets it on the training sampler at each epoch's start)."""
+        return int(getattr(getattr(self.train_loader, "sampler", None), "epoch", 0))
 
     def _arch_update(self, architect: Architect, grads: Sequence[torch.Tensor]) -> None:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -236,6 +273,14 @@ class DartsSearchTask(Task):
             "genotype": genotype_to_dict(genotype),
             **{k: metrics[k] for k in self.metric_names if k in metrics},
         }
+        if net.edge_weights(False) is not None:  # PC-DARTS: the normalised β as well
+            record["edges_normal"] = net.edge_weights(False).detach().tolist()
+            record["edges_reduce"] = net.edge_weights(True).detach().tolist()
+        aca = self._aca_genotype(net) if self.config.aca else None
+        if aca is not None:
+            save_genotype(aca, run_dir / f"genotype_aca_epoch{epoch}.json")
+            save_genotype(aca, run_dir / "genotype_aca.json")
+            record["aca_genotype"] = genotype_to_dict(aca)
         history_path = run_dir / "alphas.json"
         history = json.loads(history_path.read_text()) if history_path.is_file() else []
         history = [r for r in history if r["epoch"] < epoch] + [record]  # a resumed run rewrites what it redoes
@@ -243,10 +288,20 @@ class DartsSearchTask(Task):
         if self.config.cell_diagrams:
             draw_cells(genotype, run_dir / f"cells_epoch{epoch}.png", title=f"epoch {epoch}")
             draw_cells(genotype, run_dir / "cells.png", title=f"epoch {epoch}")
+            if aca is not None:
+                draw_cells(aca, run_dir / "cells_aca.png", title=f"ACA, epoch {epoch}: operation (kept channels)")
+
+    def _aca_genotype(self, net: SearchNetwork) -> AcaGenotype:
+        if self.heldout_loader is None:
+            raise ValueError("task.aca measures channel importance on the held-out split: set data.heldout_fraction")
+        c = self.config
+        return aca_genotype(net, self.heldout_loader, c.aca_importance, c.aca_allocation, c.aca_batches)
 
     def summary(self, metrics: Mapping[str, float], best: float | None, epochs: int) -> list[str]:
         lines = super().summary(metrics, best, epochs)
         lines.append(f"{self.arch_updates} architecture steps; derived cells in genotype.json and cells.png")
+        if self.config.aca:
+            lines.append("ACA cells (kept channel fractions) in genotype_aca.json and cells_aca.png")
         return lines
 
 
@@ -266,9 +321,10 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def draw_cells(genotype: Genotype, path: Path, title: str | None = None) -> None:
+def draw_cells(genotype: Genotype | AcaGenotype, path: Path, title: str | None = None) -> None:
     """The normal and the reduction cell of ``genotype`` side by side as one PNG (matplotlib, no graphviz): inputs
-    ``c_{k-2}``, ``c_{k-1}``, the intermediate nodes, the output ``c_{k}``; edges labelled with their operation."""
+    ``c_{k-2}``, ``c_{k-1}``, the intermediate nodes, the output ``c_{k}``; edges labelled with their operation (and
+    an ACA edge's kept channel fraction)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,7 +346,7 @@ def draw_cells(genotype: Genotype, path: Path, title: str | None = None) -> None
     os.replace(tmp, path)
 
 
-def _draw_cell(ax, pairs: Sequence[tuple[str, int]], concat: Sequence[int], cell: str) -> None:
+def _draw_cell(ax, pairs: Sequence[tuple], concat: Sequence[int], cell: str) -> None:
     steps = len(pairs) // 2
     pos = {0: (0.0, 1.4), 1: (0.0, -1.4)}
     for i in range(steps):
@@ -299,7 +355,8 @@ def _draw_cell(ax, pairs: Sequence[tuple[str, int]], concat: Sequence[int], cell
     names = {0: "c_{k-2}", 1: "c_{k-1}", **{2 + i: str(i) for i in range(steps)}}
     boxes = {0: "#a6cee3", 1: "#a6cee3", **{2 + i: "#fdbf6f" for i in range(steps)}}
     arrow = {"arrowstyle": "-|>", "color": "0.3", "shrinkA": 14, "shrinkB": 14, "lw": 1.0}
-    for e, (op, src) in enumerate(pairs):
+    for e, (op, src, *keep) in enumerate(pairs):
+        label = f"{op} ({keep[0]:.2f})" if keep else op
         dst = 2 + e // 2
         (x0, y0), (x1, y1) = pos[src], pos[dst]
         rad = 0.25 if e % 2 else -0.25
@@ -308,7 +365,7 @@ def _draw_cell(ax, pairs: Sequence[tuple[str, int]], concat: Sequence[int], cell
         mx, my = (x0 + x1) / 2, (y0 + y1) / 2
         nx, ny = (y1 - y0), -(x1 - x0)
         mx, my = mx + rad / 2 * nx, my + rad / 2 * ny
-        ax.text(mx, my, op, fontsize=7, ha="center", va="center", color="#b2182b",
+        ax.text(mx, my, label, fontsize=7, ha="center", va="center", color="#b2182b",
                 bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})  # fmt: skip
     for s in concat:
         ax.annotate("", xy=out, xytext=pos[s], arrowprops={**arrow, "color": "0.6", "linestyle": "--"})
