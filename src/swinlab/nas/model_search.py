@@ -25,10 +25,9 @@ from torch import nn
 from torch.func import functional_call
 
 from swinlab.models.registry import register_model
+from swinlab.nas import pc
 from swinlab.nas.genotypes import PRIMITIVES, SEARCH_SPACES, Genotype, derive_genotype, num_edges
 from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
-from swinlab.nas.pc import MixedOpFactory, edge_weights
-from swinlab.nas.pc import partial_channels as partial_channels_op
 
 ALPHA_NAMES = ("alphas_normal", "alphas_reduce")
 BETA_NAMES = ("betas_normal", "betas_reduce")
@@ -62,7 +61,7 @@ class SearchCell(nn.Module):
         reduction: bool,
         reduction_prev: bool,
         primitives: Sequence[str] = PRIMITIVES,
-        mixed_op: MixedOpFactory | None = None,
+        mixed_op: pc.MixedOpFactory | None = None,
     ) -> None:
         super().__init__()
         mixed_op = MixedOp if mixed_op is None else mixed_op
@@ -121,7 +120,7 @@ class SearchNetwork(nn.Module):
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         primitives: Sequence[str] = PRIMITIVES,
         in_chans: int = 3,
-        mixed_op: MixedOpFactory | None = None,
+        mixed_op: pc.MixedOpFactory | None = None,
         edge_normalization: bool = False,
     ) -> None:
         super().__init__()
@@ -168,7 +167,7 @@ class SearchNetwork(nn.Module):
         """The normalised β of the reduction or the normal cell, or ``None`` without edge normalisation."""
         if len(self.arch_names) == len(ALPHA_NAMES):
             return None
-        return edge_weights(self.betas_reduce if reduction else self.betas_normal, self._steps)
+        return pc.edge_weights(self.betas_reduce if reduction else self.betas_normal, self._steps)
 
     def _loss(
         self, input: torch.Tensor, target: torch.Tensor, state: dict[str, torch.Tensor] | None = None
@@ -250,7 +249,7 @@ def darts_search(
         primitives = SEARCH_SPACES[primitives]
     if variant not in ("darts", "pc"):
         raise ValueError(f"unknown DARTS variant {variant!r}; known: darts, pc")
-    pc = variant == "pc"
+    partial = variant == "pc"
     return SearchNetwork(
         C,
         num_classes,
@@ -260,6 +259,6 @@ def darts_search(
         stem_multiplier,
         in_chans=in_chans,
         primitives=primitives,
-        mixed_op=partial_channels_op(partial_channels, MixedOp) if pc else None,
-        edge_normalization=pc,
+        mixed_op=pc.partial_channels(partial_channels, MixedOp) if partial else None,
+        edge_normalization=partial,
     )
