@@ -133,3 +133,12 @@ def test_pc_search_through_the_engine_waits_arch_start_epoch(tmp_path):
     assert len(history[0]["edges_normal"]) == 14 and history[0]["edges_normal"] != history[1]["edges_normal"]
     state = load_checkpoint(run / "checkpoint.pt")["model"]
     assert state["betas_reduce"].shape == (14,) and "cells.0._ops.0.mixed._ops.4.op.1.weight" in state
+
+
+def test_architecture_state_of_another_search_space_or_variant_is_refused():
+    pc_net = darts_search(C=8, num_classes=5, layers=3, variant="pc")
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*betas_normal"):
+        darts_search(C=8, num_classes=5, layers=3).load_state_dict(pc_net.state_dict())
+    aca_net = darts_search(C=8, num_classes=5, layers=3, primitives="aca")
+    with pytest.raises(RuntimeError, match=r"alphas_normal.*torch.Size\(\[14, 8\]\).*torch.Size\(\[14, 7\]\)"):
+        aca_net.load_state_dict(darts_search(C=8, num_classes=5, layers=3).state_dict(), strict=False)
