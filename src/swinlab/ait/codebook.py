@@ -53,6 +53,7 @@ class _Quantizer(nn.Module):
         """The ``(K, D)`` code vectors."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Ids of the nearest codes to the rows of ``flat`` (N, D), by the official expansion
         ``|z|² + |e|² − 2 z·eᵀ`` (ties go to the lowest id)."""
@@ -63,7 +64,7 @@ class _Quantizer(nn.Module):
     def ids(self, z: torch.Tensor) -> torch.Tensor:
         """Ids ``(B, h, w)`` of encoder outputs ``z`` (B, D, h, w); no state changes."""
         b, _, h, w = z.shape
-        return self.nearest(z.detach().permute(0, 2, 3, 1).reshape(-1, self.dim)).view(b, h, w)
+        return self.nearest(z.permute(0, 2, 3, 1).reshape(-1, self.dim)).view(b, h, w)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Code vectors of ``ids`` (B, h, w) as a latent map ``(B, D, h, w)``."""
@@ -88,7 +89,7 @@ class _Quantizer(nn.Module):
         learn = self.training and flat.device.type != "meta"  # the meta device (shapes only) has no data to learn
         if learn:
             self._before_search(flat.detach())
-        ids = self.nearest(flat.detach())
+        ids = self.nearest(flat)
         codes = F.embedding(ids, self.codebook)
         loss = self._losses(codes, flat)
         ones = torch.ones_like(ids, dtype=flat.dtype)
