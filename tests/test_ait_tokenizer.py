@@ -289,6 +289,13 @@ def test_registered_official_sizes():
     assert (count(depth.encoder), count(depth.decoder)) == (3_320_560, 4_368_641)
     assert (count(mask.encoder), count(mask.decoder)) == (861_936, 1_123_457)
     assert official_geometry(depth.state_dict())["downsample"] == 32
+    # the vae_cfg of AiT's released depth and instance-segmentation configs describe the same two tokenizers
+    depth_head = {"token_length": 225, "mask_size": 480, "embedding_dim": 512, "hidden_dim": 256, "num_embeddings": 128}
+    mask_head = {"token_length": 16, "mask_size": 64, "embedding_dim": 512, "hidden_dim": 128, "num_embeddings": 128}
+    for model, head in ((depth, {**depth_head, "use_norm": False, "tau": 0.8}), (mask, mask_head)):
+        built = SoftVQVAE.from_official_head(head)
+        assert official_geometry(built.state_dict()) == official_geometry(model.state_dict())
+        assert (built.kind, built.tau, built.grid) == (model.kind, model.tau, model.grid)
 
 
 # ------------------------------------------------------------------------------------------------ errors
