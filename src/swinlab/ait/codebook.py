@@ -71,8 +71,9 @@ class _Quantizer(nn.Module):
         return self.codebook[ids].permute(0, 3, 1, 2).contiguous()
 
     def embed_soft(self, probs: torch.Tensor) -> torch.Tensor:
-        """Probability-weighted code mixtures: ``probs`` (B, h, w, K) -> latent map ``(B, D, h, w)``."""
-        return (probs @ self.codebook).permute(0, 3, 1, 2).contiguous()
+        """Probability-weighted code mixtures: ``probs`` (B, K, h, w) over the codes -> latent map
+        ``(B, D, h, w)`` (in the channels-last memory the contraction leaves, as in the official head)."""
+        return torch.einsum("bkhw,kd->bdhw", probs, self.codebook)
 
     def _losses(self, codes: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -444,9 +444,10 @@ class SoftVQVAE(nn.Module):
         in ``logits`` (AiT's auxiliary loss through the frozen decoder)."""
         if logits.ndim != 3 or logits.shape[-1] != self.num_codes:
             raise ValueError(f"soft-token logits must be (B, N, {self.num_codes}), got shape {tuple(logits.shape)}")
-        h, w = self.token_grid(logits.shape[1])
-        probs = torch.softmax(logits * (self.tau if tau is None else tau), dim=-1)
-        return self.decode_latents(self._vq_vae.embed_soft(probs.view(logits.shape[0], h, w, self.num_codes)))
+        b, n, k = logits.shape
+        # codes along dim 1 of a (B, K, h, w) map, as the official heads lay the logits out: the same roundings
+        scaled = logits.transpose(1, 2).reshape(b, k, *self.token_grid(n)) * (self.tau if tau is None else tau)
+        return self.decode_latents(self._vq_vae.embed_soft(torch.softmax(scaled, dim=1)))
 
     def token_grid(self, n: int) -> tuple[int, int]:
         """Grid ``(h, w)`` of ``n`` raster-ordered tokens: the ``image_size`` grid if it has ``n`` cells, else a
