@@ -22,7 +22,7 @@ from torch import nn
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave ``groups`` equal channel blocks: channel ``g * n + i`` moves to ``i * groups + g``."""
     n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
 class PartialMixedOp(nn.Module):
