@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from swinlab.config import DataConfig
 from swinlab.data import text
 from swinlab.data.cifar import CIFAR
+from swinlab.data.depth import DEPTH_DATASETS, IMAGENET_MEAN, IMAGENET_STD, depth_sets
 from swinlab.data.idx import FashionMNIST
 from swinlab.data.imagefolder import ImageFolder
 from swinlab.data.loading import SeededSubset, TransformedDataset, collate_skip_none
@@ -24,7 +25,7 @@ from swinlab.data.video import VIDEO_DATASETS, video_sets
 
 DATASETS = (
     "fashion_mnist_embedded", "fashion_mnist", "imagefolder", "cifar10", "cifar100",
-    *VIDEO_DATASETS, *text.TEXT_DATASETS,
+    *VIDEO_DATASETS, *text.TEXT_DATASETS, *DEPTH_DATASETS,
 )  # fmt: skip
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -37,7 +38,8 @@ class DataBundle:
 
     ``kind`` names what a batch is (``"image"``: ``(NCHW, labels)``; ``"video"``: ``(NCTHW, labels)`` for
     training and ``(N, views, C, T, H, W)`` for evaluation; ``"text"``: ``(inputs, next-token targets)``, both
-    ``(N, seq_len)`` int64, with ``num_classes`` the vocabulary size); the trainer picks the task from it.
+    ``(N, seq_len)`` int64, with ``num_classes`` the vocabulary size; ``"depth"``: ``(NCHW normalised RGB,
+    (N, 1, H, W) float32 depth in metres, 0 = invalid)``); the trainer picks the task from it.
     ``model_kwargs`` are the constructor arguments the data fixes (class count, channels, input size), so the
     trainer builds any family's model without knowing what kind of data it gets. ``extra_loaders`` holds further
     training loaders by name (``heldout``: the part of the training set ``data.heldout_fraction`` sets aside).
@@ -65,10 +67,11 @@ class DataBundle:
     std: tuple[float, ...] | None = None
 
     def describe(self) -> str:
-        """One line for the start of a run: sizes, what a sample is, classes (or vocabulary)."""
+        """One line for the start of a run: sizes, what a sample is, classes (or vocabulary; none for dense labels)."""
         heldout = "".join(f" + {len(loader.sampler)} {name}" for name, loader in self.extra_loaders.items())
         classes = f"vocabulary {self.num_classes}" if self.kind == "text" else f"{self.num_classes} classes"
-        return f"{self.train_size}{heldout} train / {self.val_size} val {self.unit}, {classes}"
+        sizes = f"{self.train_size}{heldout} train / {self.val_size} val {self.unit}"
+        return f"{sizes}, {classes}" if self.num_classes else sizes
 
 
 def _root(cfg: DataConfig, what: str) -> Path:
@@ -144,14 +147,15 @@ def _loaders(
     seed: int,
     rank: int,
     world_size: int,
+    collate=None,
 ) -> tuple[DataLoader, DataLoader, dict[str, DataLoader]]:
     """Train loader (seeded distributed sampler, per-sample augmentation seeds), val loader (rank shard) and the
     ``heldout`` loader when the config sets one aside; ``sample_shapes`` give the shape of an all-unreadable
-    batch's samples for training and validation."""
+    batch's samples for training and validation (``collate``: another batching function, shapes unused)."""
 
     def loader(dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool, shape) -> DataLoader:
-        collate = functools.partial(collate_skip_none, sample_shape=shape)
-        return _loader(cfg, dataset, batch_size, sampler, drop_last, seed, collate)
+        batching = collate or functools.partial(collate_skip_none, sample_shape=shape)
+        return _loader(cfg, dataset, batch_size, sampler, drop_last, seed, batching)
 
     def shuffled(dataset: Dataset, sampler_seed: int) -> DataLoader:
         sampler = SeededDistributedSampler(dataset, world_size, rank, shuffle=True, seed=sampler_seed)
@@ -185,6 +189,31 @@ def _video_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> 
         unit="videos",
         seed=seed,
         rank=rank,
+    )
+
+
+def _depth_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
+    """``(image, depth)`` pairs (see :mod:`swinlab.data.depth`): training crops, whole validation frames."""
+    train_set, val_set = depth_sets(cfg, seed)
+    train_loader, val_loader, extra = _loaders(
+        cfg, train_set, val_set, ((), ()), seed, rank, world_size, collate=torch.utils.data.default_collate
+    )
+    return DataBundle(
+        train_loader=train_loader,
+        val_loader=val_loader,
+        num_classes=0,
+        in_chans=3,
+        class_names=[],
+        train_size=len(train_loader.sampler.dataset),
+        val_size=len(val_set),
+        kind="depth",
+        model_kwargs={"image_size": cfg.img_size},
+        extra_loaders=extra,
+        unit="depth maps",
+        seed=seed,
+        rank=rank,
+        mean=tuple(cfg.mean or IMAGENET_MEAN),
+        std=tuple(cfg.std or IMAGENET_STD),
     )
 
 
@@ -243,6 +272,8 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
         return _video_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
     if cfg.name in text.TEXT_DATASETS:
         return _text_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
+    if cfg.name in DEPTH_DATASETS:
+        return _depth_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
     train_src, val_src = _sources(cfg)
     in_chans = train_src.channels
     out_chans = cfg.in_chans or in_chans
