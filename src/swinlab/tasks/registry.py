@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "simmim": "swinlab.tasks.simmim:SimMIMTask",
     "darts_search": "swinlab.tasks.darts:DartsSearchTask",
     "darts_eval": "swinlab.tasks.darts:DartsEvalTask",
+    "ait_tokenizer": "swinlab.tasks.ait_tokenizer:AitTokenizerTask",
 }
 
 
