@@ -105,6 +105,22 @@ def test_evaluation_is_the_official_validation_by_hand(tokenizer_run):
     assert got["val_perplexity"] == pytest.approx(float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum())))
 
 
+def test_eigen_crop_and_depth_range_reach_the_metrics():
+    """The task's evaluation options are the metric function's: Eigen crop (scaled to 48 x 64), 0.5 < gt < 6."""
+    torch.manual_seed(0)
+    model = SoftVQVAE(**TINY).eval()
+    depth = torch.rand(3, 1, 48, 64) * 8 + 0.1
+    depth[0, :, :10] = 0.0  # invalid rows
+    config = AitTokenizerConfig(eval_crop="eigen", min_depth=0.5, max_depth=6.0)
+    task = AitTokenizerTask(config)
+    got = task.finalize({k: float(v) for k, v in task.evaluate(model, [(torch.zeros(3, 3, 48, 64), depth)]).items()})
+    with torch.no_grad():
+        recon = model.decode_ids(model.encode(depth)).clamp_min(0.5)
+    for name, value in mean_depth_metrics(recon, depth, min_depth=0.5, max_depth=6.0, crop="eigen").items():
+        assert got[f"val_{name}"] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert got["val_rmse"] != pytest.approx(mean_depth_metrics(recon, depth)["rmse"], rel=1e-3)
+
+
 def test_stopped_and_resumed_run_continues_exactly(tmp_path, tokenizer_run):
     out = tmp_path / "resumed"
     train(_cfg(out, epochs=2))
