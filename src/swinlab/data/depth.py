@@ -33,6 +33,8 @@ DEPTH_DATASETS = ("nyu_depth", "procedural_depth", "middlebury_motorcycle")
 MM_PER_METRE = 1000.0
 PROCEDURAL_SIZES = (512, 64)
 """Scenes of ``procedural_depth`` (train, val) when ``data.train_limit`` / ``data.val_limit`` do not say."""
+PROCEDURAL_STREAMS = (0, 1)
+"""Scene streams (``render_scene``'s seed) of the training and validation scenes of ``procedural_depth``."""
 MIDDLEBURY_CALIBRATION = {"focal_px": 994.978, "baseline_m": 0.193001, "doffs_px": 31.086}
 """Calibration of scikit-image's quarter-size Motorcycle pair, as its ``stereo_motorcycle`` documents it."""
 NYU_BASE_FOLDERS = {"train": ("", "sync"), "val": ("", "official_splits/test")}
@@ -254,9 +256,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _sources(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, int | None]:
     """Raw train and val sources of ``cfg.name`` and the shorter side the transforms still resize to."""
-    if cfg.name == "procedural_depth":
-        train = ProceduralDepth(cfg.train_limit or PROCEDURAL_SIZES[0], cfg.img_size, seed=2 * seed)
-        return train, ProceduralDepth(cfg.val_limit or PROCEDURAL_SIZES[1], cfg.img_size, seed=2 * seed + 1), None
+    if cfg.name == "procedural_depth":  # fixed streams: like a real set, the scenes do not follow the run seed
+        train = ProceduralDepth(cfg.train_limit or PROCEDURAL_SIZES[0], cfg.img_size, seed=PROCEDURAL_STREAMS[0])
+        return train, ProceduralDepth(cfg.val_limit or PROCEDURAL_SIZES[1], cfg.img_size, PROCEDURAL_STREAMS[1]), None
     if cfg.name == "middlebury_motorcycle":
         rgb, depth = _sample(*middlebury_motorcycle(), "the Middlebury frame")
         if cfg.scale_size is not None:  # resized once here, so that validation tiles the frame training crops
