@@ -194,7 +194,7 @@ def _video_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> 
 
 def _depth_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
     """``(image, depth)`` pairs (see :mod:`swinlab.data.depth`): training crops, whole validation frames."""
-    train_set, val_set = depth_sets(cfg, seed)
+    train_set, val_set = depth_sets(cfg)
     train_loader, val_loader, extra = _loaders(
         cfg, train_set, val_set, ((), ()), seed, rank, world_size, collate=torch.utils.data.default_collate
     )

@@ -167,6 +167,14 @@ class FrameCrops(Dataset):
         return self.rgb[window], self.depth[window]
 
 
+def rescale_pair(rgb: torch.Tensor, depth: torch.Tensor, shorter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (float, bilinear) and depth (nearest) with their shorter side resized to ``shorter`` pixels."""
+    h, w = depth.shape[-2:]
+    s = shorter / min(h, w)
+    size = (max(shorter, round(h * s)), max(shorter, round(w * s)))
+    return resize(rgb, size), resize_depth(depth, size)
+
+
 def resize_depth(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of a ``(1, H, W)`` depth map (an invalid 0 is never averaged into a valid pixel)."""
     if tuple(depth.shape[-2:]) == tuple(size):
@@ -206,10 +214,7 @@ class DepthTransform:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image = rgb.float()
         if self.scale_size is not None:
-            h, w = depth.shape[-2:]
-            s = self.scale_size / min(h, w)
-            size = (max(self.scale_size, round(h * s)), max(self.scale_size, round(w * s)))
-            image, depth = resize(image, size), resize_depth(depth, size)
+            image, depth = rescale_pair(image, depth, self.scale_size)
         if self.train:
             if rng is None:
                 raise ValueError("a random transform needs rng=random.Random(seed)")
@@ -254,7 +259,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 """RGB normalisation of every depth set unless ``data.mean`` / ``data.std`` say otherwise."""
 
 
-def _sources(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, int | None]:
+def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset, int | None]:
     """Raw train and val sources of ``cfg.name`` and the shorter side the transforms still resize to."""
     if cfg.name == "procedural_depth":  # fixed streams: like a real set, the scenes do not follow the run seed
         train = ProceduralDepth(cfg.train_limit or PROCEDURAL_SIZES[0], cfg.img_size, seed=PROCEDURAL_STREAMS[0])
@@ -262,10 +267,8 @@ def _sources(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, int | None]:
     if cfg.name == "middlebury_motorcycle":
         rgb, depth = _sample(*middlebury_motorcycle(), "the Middlebury frame")
         if cfg.scale_size is not None:  # resized once here, so that validation tiles the frame training crops
-            h, w = depth.shape[-2:]
-            s = cfg.scale_size / min(h, w)
-            size = (max(cfg.scale_size, round(h * s)), max(cfg.scale_size, round(w * s)))
-            rgb, depth = resize(rgb, size).round().clamp(0, 255).byte(), resize_depth(depth, size)
+            rgb, depth = rescale_pair(rgb, depth, cfg.scale_size)
+            rgb = rgb.round().clamp(0, 255).byte()
         rgb_hwc, depth_hw = rgb.permute(1, 2, 0).numpy(), depth[0].numpy()
         train = FrameCrops(rgb_hwc, depth_hw, count=cfg.train_limit or PROCEDURAL_SIZES[0])
         return train, FrameCrops(rgb_hwc, depth_hw, tile=cfg.img_size), None
@@ -286,11 +289,11 @@ def _sources(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, int | None]:
     return train, val, cfg.scale_size
 
 
-def depth_sets(cfg: DataConfig, seed: int) -> tuple[DepthSamples, DepthSamples]:
+def depth_sets(cfg: DataConfig) -> tuple[DepthSamples, DepthSamples]:
     """Train and val sets of ``cfg.name`` (one of :data:`DEPTH_DATASETS`) with their transforms: training crops of
     ``img_size``, validation frames whole (``procedural_depth``: rendered at ``img_size``; ``nyu_depth``: the
     frame resized by ``scale_size``; ``middlebury_motorcycle``: ``img_size`` tiles of the frame)."""
-    train_src, val_src, scale_size = _sources(cfg, seed)
+    train_src, val_src, scale_size = _sources(cfg)
     mean, std = tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD)
 
     def transform(train: bool) -> DepthTransform:
