@@ -173,6 +173,15 @@ def test_wrong_model_data_or_options_are_refused():
         AitTokenizerTask().prepare_model(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="eval_crop must be null or 'eigen'"):
         AitTokenizerTask(AitTokenizerConfig(eval_crop="garg"))
+    model, images = SoftVQVAE(**TINY), torch.zeros(2, 3, 32, 32)
+    with pytest.raises(TypeError, match=r"floating-point metres, got torch.int64 \(16-bit depth PNGs hold millimetres"):
+        AitTokenizerTask().loss(model, (images, torch.full((2, 1, 32, 32), 1500)))
+    with pytest.raises(ValueError, match="depth label 1 of the batch has no valid pixel"):
+        AitTokenizerTask().loss(model, (images, torch.cat([torch.ones(1, 1, 32, 32), torch.zeros(1, 1, 32, 32)])))
+    with pytest.raises(
+        ValueError, match=r"size \(32, 36\) \(H, W\) is not a multiple of the tokenizer's downsampling 8"
+    ):
+        AitTokenizerTask().loss(model, (images, torch.ones(2, 1, 32, 36)))
     cfg = TrainConfig(task=AitTokenizerConfig(), data=DataConfig(train_limit=8, val_limit=8))
     with pytest.raises(ValueError, match="reads depth batches, but data 'fashion_mnist_embedded' gives image"):
         build_task(cfg, build(cfg.data, seed=0))
