@@ -14,6 +14,7 @@ from swinlab.data.depth import (
     MIDDLEBURY_CALIBRATION,
     DepthTransform,
     NYUDepth,
+    ProceduralDepth,
     depth_from_png,
     middlebury_motorcycle,
     read_depth_list,
@@ -159,6 +160,9 @@ def test_procedural_depth_through_build():
     rgb = (image[2] * std + mean) * 255
     torch.testing.assert_close(rgb, torch.from_numpy(render_scene(32, 1, 2).rgb).permute(2, 0, 1).float(), atol=1e-3,
                                rtol=0)  # fmt: skip
+    kept, fresh = ProceduralDepth(4, 32, 1), ProceduralDepth(4, 32, 1, cache_bytes=0)
+    assert kept[2][1] is kept[2][1] and fresh[2][1] is not fresh[2][1]  # small sets keep their rendered scenes
+    assert torch.equal(kept[2][1], depth[2]) and torch.equal(fresh[2][0], kept[2][0])
     other_seed = build(cfg, seed=2)  # the run seed changes the crops and the order, not the scenes
     assert torch.equal(next(iter(other_seed.val_loader))[1], depth)
     train_maps = torch.cat(

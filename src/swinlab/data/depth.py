@@ -111,10 +111,17 @@ class NYUDepth(Dataset):
 
 
 class ProceduralDepth(Dataset):
-    """``count`` rendered scenes of ``size`` pixels; ``seed`` picks the stream (train and val use different ones)."""
+    """``count`` rendered scenes of ``size`` pixels; ``seed`` picks the stream (train and val use different ones).
 
-    def __init__(self, count: int, size: int, seed: int) -> None:
+    Each scene is rendered on first use and kept when the whole set fits in ``cache_bytes`` (at 64 px, rendering is
+    ~2.6 ms a scene, a third of a small tokenizer's training step; 1024 kept scenes take 29 MB).
+    """
+
+    def __init__(self, count: int, size: int, seed: int, cache_bytes: int = 256 << 20) -> None:
         self.count, self.size, self.seed = count, size, seed
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        if count * size * size * 7 <= cache_bytes:  # 3 bytes of RGB + 4 of depth a pixel
+            self._cache = {}
 
     def __len__(self) -> int:
         return self.count
@@ -122,8 +129,13 @@ class ProceduralDepth(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.count:
             raise IndexError(f"scene {index} out of range for {self.count} scenes")
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
         scene = render_scene(self.size, self.seed, index)
-        return _sample(scene.rgb, scene.depth, f"scene {index}")
+        sample = _sample(scene.rgb, scene.depth, f"scene {index}")
+        if self._cache is not None:
+            self._cache[index] = sample
+        return sample
 
 
 def middlebury_motorcycle() -> tuple[np.ndarray, np.ndarray]:
