@@ -92,15 +92,17 @@ class Architect:
         weights: tuple[torch.Tensor, ...],
     ) -> list[torch.Tensor]:
         grads = torch.autograd.grad(self.model._loss(input_train, target_train), weights, materialize_grads=True)
-        unrolled = []
+        # The official element-wise operations in the official order (products and sums, no fused forms), each over
+        # the whole list in one call.
         with torch.no_grad():
-            for w, g in zip(weights, grads, strict=True):
-                buf = network_optimizer.state.get(w, {}).get("momentum_buffer")
-                step = g + self.network_weight_decay * w
-                if buf is not None:
-                    step = buf * self.network_momentum + step
-                unrolled.append(w.sub(step, alpha=eta).requires_grad_())
-        return unrolled
+            steps = torch._foreach_add(grads, torch._foreach_mul(weights, self.network_weight_decay))
+            bufs = [network_optimizer.state.get(w, {}).get("momentum_buffer") for w in weights]
+            if not any(b is None for b in bufs):
+                steps = torch._foreach_add(torch._foreach_mul(bufs, self.network_momentum), steps)
+            else:  # a weight without a buffer yet steps without momentum
+                steps = [s if b is None else b * self.network_momentum + s for b, s in zip(bufs, steps, strict=True)]
+            unrolled = torch._foreach_sub(weights, steps, alpha=eta)
+        return [w.requires_grad_() for w in unrolled]
 
     def _hessian_vector_product(
         self,
@@ -114,8 +116,8 @@ class Architect:
         alphas = self.model.arch_parameters()
         with torch.no_grad():
             R = (self.r / torch.cat([x.reshape(-1) for x in v]).norm()).item()
-            w_plus = [w.add(x, alpha=R) for w, x in zip(weights, v, strict=True)]
-            w_minus = [w.sub(x, alpha=2 * R) for w, x in zip(w_plus, v, strict=True)]  # from w+, as the official code
+            w_plus = torch._foreach_add(weights, v, alpha=R)
+            w_minus = torch._foreach_sub(w_plus, v, alpha=2 * R)  # from w+, as the official code
         g_plus, g_minus = (
             torch.autograd.grad(
                 self.model._loss(input_train, target_train, dict(zip(names, ws, strict=True))),
