@@ -132,6 +132,16 @@ def test_stopped_and_resumed_run_continues_exactly(tmp_path, tokenizer_run):
         assert torch.equal(value, b["model"][name]), name
 
 
+def test_bf16_run_keeps_the_codebook_in_fp32(tmp_path):
+    """Under bf16 autocast the convolutions run in bf16, the nearest-code search and the EMA statistics in fp32."""
+    result = train(_cfg(tmp_path / "bf16", precision="bf16", epochs=1))
+    assert 0 < result["val_rmse"] < 10
+    state = load_checkpoint(tmp_path / "bf16" / "checkpoint.pt")["model"]
+    assert {state[k].dtype for k in ("_vq_vae._embedding", "_vq_vae._ema_cluster_size", "_vq_vae._ema_w")} == {
+        torch.float32}  # fmt: skip
+    assert torch.isfinite(state["_vq_vae._embedding"]).all()
+
+
 def test_masks_follow_seed_rank_and_counter():
     class Spy(torch.nn.Module):
         def __init__(self) -> None:

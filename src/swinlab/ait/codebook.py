@@ -83,6 +83,15 @@ class _Quantizer(nn.Module):
         return 0
 
     def forward(self, z: torch.Tensor) -> Quantized:
+        """Quantise ``z`` (B, D, h, w). Under autocast (bf16 runs) the search, the losses and the codebook's
+        statistics still run in the codebook's dtype: low-precision distances would tie codes and low-precision EMA
+        sums would drift (and a bf16 ``index_add_`` into the fp32 buffers is refused)."""
+        if z.device.type == "meta":
+            return self._quantize(z)
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.to(self.codebook.dtype))
+
+    def _quantize(self, z: torch.Tensor) -> Quantized:
         b, d, h, w = z.shape
         if d != self.dim:
             raise ValueError(f"encoder output has {d} channels but the codebook vectors have {self.dim}")
