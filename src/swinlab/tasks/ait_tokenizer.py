@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,7 +37,7 @@ from swinlab.ait import SoftVQVAE, mask_patches
 from swinlab.config import Count, NonNegativeInt, Positive, Range, TaskConfig
 from swinlab.metrics.depth import DEPTH_METRICS, depth_metrics
 from swinlab.tasks.base import Batch, Logs, Task, model_device
-from swinlab.tasks.simmim import save_picture_grid
+from swinlab.tasks.simmim import _stream, save_picture_grid  # one mixing of seed words, one picture grid
 
 if TYPE_CHECKING:
     from swinlab.data.build import DataBundle
@@ -65,11 +64,6 @@ class AitTokenizerConfig(TaskConfig):
     recon_images: NonNegativeInt = 6
     """Validation maps drawn in ``depth_epoch<N>.png`` after every evaluation (rows: ground truth, reconstruction,
     on one scale per map, invalid pixels black); 0: no pictures."""
-
-
-def _stream(*words: int) -> torch.Generator:
-    seed = np.random.SeedSequence([w % 2**64 for w in words]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(seed))
 
 
 def _code_key(k: int) -> str:
