@@ -1,0 +1,201 @@
+"""AiT task-solver: shared vocabulary, cached / uncached / parallel decoding, soft tokens, auxiliary loss."""
+
+import pytest
+import torch
+
+from swinlab.ait import SoftVQVAE
+from swinlab.ait.aux_loss import aux_loss, freeze_tokenizer
+from swinlab.ait.solver import TaskSolver
+from swinlab.ait.vocabulary import Vocabulary
+from swinlab.data.depth import ProceduralDepth
+from swinlab.models.swin import SwinTransformerV2
+
+TOKENS = 16  # a 32 px depth map at downsample 8: 4 x 4 codes
+
+
+def tiny_backbone() -> SwinTransformerV2:
+    return SwinTransformerV2(
+        img_size=32, embed_dim=16, depths=(1, 1, 1), num_heads=(2, 2, 4), window_size=2, num_classes=0
+    )
+
+
+def tiny_vocabulary() -> Vocabulary:
+    return Vocabulary.official(num_bins=20, num_classes=3, codes={"mask": 8, "depth": 16})
+
+
+def tiny_solver(**kwargs) -> TaskSolver:
+    options = dict(prompts=("depth",), max_length=TOKENS, dim=32, heads=4, hidden=64, encoder_layers=1)
+    options.update(dropout=0.0, drop_path=0.0, decoder_layers=2)
+    return TaskSolver(tiny_backbone(), tiny_vocabulary(), **{**options, **kwargs})
+
+
+def varied(solver: TaskSolver) -> TaskSolver:
+    """Weights far from the 0.02 initialisation, so an untrained solver's greedy tokens vary by position."""
+    with torch.no_grad():
+        for name, p in solver.named_parameters():
+            p.normal_(0, 1.0 if name.endswith("_embed") else 0.3)
+    return solver.eval()
+
+
+def tiny_tokenizer() -> SoftVQVAE:
+    return SoftVQVAE(
+        kind="depth",
+        image_size=32,
+        downsample=8,
+        num_codes=16,
+        code_dim=8,
+        width=8,
+        num_res_blocks=1,
+        codebook_init="official",
+    )
+
+
+def depth_batch(n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = [ProceduralDepth(n, 32, 0)[i] for i in range(n)]
+    images = torch.stack([rgb for rgb, _ in samples]).float() / 255
+    images = (images - images.mean((0, 2, 3), keepdim=True)) / images.std((0, 2, 3), keepdim=True)
+    return images, torch.stack([depth for _, depth in samples])
+
+
+# ------------------------------------------------------------------------------------------------- vocabulary
+def test_official_layout_matches_the_reference_ids():
+    v = Vocabulary.official()
+    assert v.size == 2339
+    assert v.span("classes") == (2001, 2081) and v.span("noise") == (2082, 2083)
+    assert v.task_span("mask") == (2083, 2211) and v.task_span("depth") == (2211, 2339)
+
+
+def test_overlapping_layout_names_both_ranges():
+    with pytest.raises(ValueError, match=r"'bins' = \[0, 10\) and 'depth' = \[5, 20\) overlap"):
+        Vocabulary({"bins": (0, 10), "depth": (5, 20)}, tasks=("depth",))
+    with pytest.raises(ValueError, match="empty"):
+        Vocabulary({"bins": (3, 3)})
+    with pytest.raises(ValueError, match=r"\['depth'\] are not in the vocabulary layout"):
+        Vocabulary({"bins": (0, 10)}, tasks=("depth",))
+
+
+def test_id_outside_task_range_names_id_and_range():
+    v = tiny_vocabulary()
+    start, stop = v.task_span("depth")
+    assert torch.equal(v.to_codes("depth", v.from_codes("depth", torch.tensor([0, 15]))), torch.tensor([0, 15]))
+    with pytest.raises(ValueError, match=rf"token id {start - 1} lies outside task 'depth'.*\[{start}, {stop}\)"):
+        v.to_codes("depth", torch.tensor([start, start - 1]))
+    with pytest.raises(ValueError, match=r"depth codes must lie in \[0, 16\)"):
+        v.from_codes("depth", torch.tensor([16]))
+    solver = tiny_solver()
+    with pytest.raises(ValueError, match="outside task 'depth'"):
+        solver.loss(torch.zeros(1, 2, v.size), torch.tensor([[start, 3]]), "depth")
+
+
+def test_backbone_by_registered_name_feeds_its_last_stage():
+    solver = TaskSolver(
+        "swinv2_tiny_window8_256",
+        tiny_vocabulary(),
+        dim=32,
+        heads=4,
+        hidden=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        max_length=4,
+        backbone_kwargs={"img_size": 64, "depths": (1, 1, 1, 1)},
+    )
+    assert solver.backbone.num_features == 768 and solver.encode(torch.randn(1, 3, 64, 64)).shape == (1, 4, 32)
+    with pytest.raises(ValueError, match="backbone_kwargs"):
+        TaskSolver(solver.backbone, tiny_vocabulary(), backbone_kwargs={"img_size": 64})
+    with pytest.raises(KeyError, match="no prompt for task 'mask'"):
+        solver.generate(torch.randn(1, 3, 64, 64), "mask", 2)
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("soft_input", [False, True])
+def test_cached_decoding_equals_uncached(soft_input):
+    solver = varied(tiny_solver())
+    images = torch.randn(2, 3, 32, 32)
+    logits, codes = solver.generate(images, "depth", TOKENS, soft_input=soft_input)
+    ref_logits, ref_codes = solver.generate(images, "depth", TOKENS, soft_input=soft_input, use_cache=False)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)  # GEMM shapes differ: rounding only
+    assert logits.shape == (2, TOKENS, 16) and len(codes.unique()) > 1
+
+
+def test_cached_decoding_equals_teacher_forcing_on_its_own_output():
+    """The step-by-step positions and prompt line up with the training forward's."""
+    solver = varied(tiny_solver())
+    images = torch.randn(2, 3, 32, 32)
+    logits, codes = solver.generate(images, "depth", TOKENS)
+    assert len(codes.unique()) > 1
+    forced = solver(images, "depth", solver.vocabulary.from_codes("depth", codes))
+    torch.testing.assert_close(solver.code_logits(forced, "depth"), logits, rtol=0, atol=1e-5)
+
+
+def test_parallel_mode_shapes_and_one_step_reduces_loss():
+    solver = tiny_solver(parallel=True)
+    images = torch.randn(2, 3, 32, 32)
+    targets = solver.vocabulary.from_codes("depth", torch.randint(0, 16, (2, TOKENS)))
+    opt = torch.optim.SGD(solver.parameters(), lr=0.5)
+    losses = []
+    for _ in range(2):
+        logits = solver(images, "depth", targets)
+        assert logits.shape == (2, TOKENS, solver.vocabulary.size)
+        loss = solver.loss(logits, targets, "depth")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[1] < losses[0]
+    code_logits, codes = solver.eval().generate(images, "depth", TOKENS)
+    assert code_logits.shape == (2, TOKENS, 16) and codes.shape == (2, TOKENS)
+
+
+def test_soft_decode_with_large_tau_equals_hard_decode():
+    tokenizer = freeze_tokenizer(tiny_tokenizer())
+    solver = varied(tiny_solver())
+    logits, codes = solver.generate(torch.randn(2, 3, 32, 32), "depth", TOKENS)
+    hard = tokenizer.decode_ids(codes)
+    torch.testing.assert_close(tokenizer.decode_soft(logits, tau=1e4), hard, rtol=0, atol=1e-5)
+    assert not torch.allclose(tokenizer.decode_soft(logits, tau=1.0), hard, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------- aux loss
+def test_aux_loss_needs_a_frozen_tokenizer_and_reaches_the_logits():
+    tokenizer = tiny_tokenizer()
+    _, depth = depth_batch()
+    logits = torch.randn(2, TOKENS, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="freeze_tokenizer"):
+        aux_loss(tokenizer, logits, depth)
+    freeze_tokenizer(tokenizer)
+    loss = aux_loss(tokenizer, logits, depth, tau=0.8)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tokenizer.parameters())
+
+
+def test_mask_aux_loss_is_dice_plus_mse():
+    tokenizer = freeze_tokenizer(SoftVQVAE(kind="mask", image_size=16, downsample=4, num_codes=8, code_dim=4, width=4))
+    logits = torch.randn(3, 16, 8)
+    masks = (torch.rand(3, 16, 16) > 0.5).float()
+    pred = tokenizer.decode_soft(logits)[:, 0]
+    dice = 1 - (2 * (pred * masks).sum((1, 2)) + 1) / (pred.sum((1, 2)) + masks.sum((1, 2)) + 1)
+    expected = dice.mean() + ((pred - masks) ** 2).mean()
+    torch.testing.assert_close(aux_loss(tokenizer, logits, masks), expected)
+
+
+def test_depth_tokenizer_and_solver_round_trip():
+    """GT depth -> tokenizer codes -> teacher-forced solver training -> decoded tokens -> depth through the
+    tokenizer: a few steps on two scenes make the greedy decode reproduce the target codes."""
+    tokenizer = freeze_tokenizer(tiny_tokenizer())
+    images, depth = depth_batch()
+    solver = tiny_solver()
+    targets = solver.vocabulary.from_codes("depth", tokenizer.encode(depth).flatten(1))
+    opt = torch.optim.AdamW(solver.parameters(), lr=3e-3)
+    for _ in range(100):
+        logits = solver(images, "depth", targets)
+        loss = solver.loss(logits, targets, "depth") + aux_loss(tokenizer, solver.code_logits(logits, "depth"), depth)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    code_logits, codes = solver.eval().generate(images, "depth", TOKENS)
+    assert torch.equal(solver.vocabulary.from_codes("depth", codes), targets)
+    assert torch.equal(tokenizer.decode_ids(codes), tokenizer.decode_ids(tokenizer.encode(depth)))
+    decoded = tokenizer.decode_soft(code_logits, tau=0.8)
+    assert decoded.shape == depth.shape and torch.isfinite(decoded).all()
