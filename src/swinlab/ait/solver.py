@@ -14,10 +14,10 @@ from torch import nn
 from swinlab.ait.vocabulary import Vocabulary
 from swinlab.layers.drop import DropPath
 from swinlab.layers.mlp import Mlp
-from swinlab.models.registry import create_model
+from swinlab.models.registry import create_model, register_model
 from swinlab.models.swin import SwinTransformerV2
 
-__all__ = ["TaskSolver", "sine_position_2d"]
+__all__ = ["TaskSolver", "ait_task_solver", "sine_position_2d"]
 
 IGNORE_INDEX = -100
 
@@ -307,3 +307,23 @@ class TaskSolver(nn.Module):
                 step_input = codes[step_logits.argmax(-1)][:, None]
         logits = torch.stack(out, dim=1)
         return logits, logits.argmax(-1)
+
+
+@register_model(meta={"source": "AiT ait/configs (depth): SwinV2 last stage, 6 + 6 pre-norm blocks of width 256"})
+def ait_task_solver(
+    backbone: str = "swinv2_base_window12_192",
+    image_size: int | None = None,
+    backbone_kwargs: dict[str, Any] | None = None,
+    num_bins: int = 2000,
+    num_classes: int = 80,
+    codes: dict[str, int] | None = None,
+    **head: Any,
+) -> TaskSolver:
+    """A solver by recipe: a registered Swin V2 (``image_size``, which the data sets, becomes its ``img_size``),
+    the official vocabulary layout with ``codes`` per task (default 128 mask + 128 depth codes) and the head
+    options of :class:`TaskSolver` (official defaults)."""
+    kwargs = dict(backbone_kwargs or {})
+    if image_size is not None:
+        kwargs.setdefault("img_size", image_size)
+    vocabulary = Vocabulary.official(num_bins, num_classes, codes)
+    return TaskSolver(backbone, vocabulary, backbone_kwargs=kwargs, **head)

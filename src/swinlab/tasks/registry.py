@@ -24,6 +24,7 @@ TASKS: dict[str, str] = {
     "darts_search": "swinlab.tasks.darts:DartsSearchTask",
     "darts_eval": "swinlab.tasks.darts:DartsEvalTask",
     "ait_tokenizer": "swinlab.tasks.ait_tokenizer:AitTokenizerTask",
+    "ait_depth": "swinlab.tasks.ait_depth:AitDepthTask",
 }
 
 
