@@ -106,6 +106,18 @@ def test_backbone_by_registered_name_feeds_its_last_stage():
         solver.generate(torch.randn(1, 3, 64, 64), "mask", 2)
 
 
+def test_loss_over_the_task_codes_only():
+    solver = tiny_solver()
+    start, stop = solver.vocabulary.task_span("depth")
+    logits = torch.randn(2, 3, solver.vocabulary.size)
+    targets = torch.tensor([[start, start + 5, -100], [stop - 1, start, start + 2]])
+    codes = torch.tensor([[0, 5, -100], [15, 0, 2]])
+    expected = torch.nn.functional.cross_entropy(logits[..., start:stop].flatten(0, 1), codes.flatten())
+    torch.testing.assert_close(solver.loss(logits, targets, "depth", over="task"), expected)
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(solver.loss(logits, targets, "depth"), full)
+
+
 # ------------------------------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("soft_input", [False, True])
 def test_cached_decoding_equals_uncached(soft_input):

@@ -189,6 +189,9 @@ class TaskSolver(nn.Module):
             f"backbone.{n}" for n in self.backbone.no_weight_decay()
         }
 
+    def no_weight_decay_keywords(self) -> set[str]:
+        return self.backbone.no_weight_decay_keywords()
+
     # ------------------------------------------------------------------------------------------- pieces
     def _task_index(self, task: str) -> int:
         if task not in self.prompts:
