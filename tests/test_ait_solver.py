@@ -5,7 +5,7 @@ import torch
 
 from swinlab.ait import SoftVQVAE
 from swinlab.ait.aux_loss import aux_loss, freeze_tokenizer
-from swinlab.ait.solver import TaskSolver
+from swinlab.ait.solver import TaskSolver, nucleus_sample
 from swinlab.ait.vocabulary import Vocabulary
 from swinlab.data.depth import ProceduralDepth
 from swinlab.models.swin import SwinTransformerV2
@@ -138,6 +138,28 @@ def test_cached_decoding_equals_teacher_forcing_on_its_own_output():
     assert len(codes.unique()) > 1
     forced = solver(images, "depth", solver.vocabulary.from_codes("depth", codes))
     torch.testing.assert_close(solver.code_logits(forced, "depth"), logits, rtol=0, atol=1e-5)
+
+
+def test_nucleus_sampling_keeps_the_top_p_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(nucleus_sample(logits, 0.0), torch.zeros(4000, dtype=torch.long))
+    drawn = nucleus_sample(logits, 0.6, g)  # mass ranked above: 0, 0.5, 0.8, 0.95
+    assert set(drawn.tolist()) == {0, 1}
+    share = (drawn == 0).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.03, share
+    solver = varied(tiny_solver())
+    images = torch.randn(2, 3, 32, 32)
+    runs = [
+        solver.generate(images, "depth", TOKENS, top_p=0.9, generator=torch.Generator().manual_seed(s))
+        for s in (1, 1, 2)
+    ]
+    assert torch.equal(runs[0][1], runs[1][1]) and not torch.equal(runs[0][1], runs[2][1])
+    cached = solver.generate(images, "depth", TOKENS, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    uncached = solver.generate(
+        images, "depth", TOKENS, top_p=0.9, generator=torch.Generator().manual_seed(1), use_cache=False
+    )
+    assert torch.equal(cached[1], uncached[1])
 
 
 def test_parallel_mode_shapes_and_one_step_reduces_loss():

@@ -17,7 +17,7 @@ from swinlab.layers.mlp import Mlp
 from swinlab.models.registry import create_model, register_model
 from swinlab.models.swin import SwinTransformerV2
 
-__all__ = ["TaskSolver", "ait_task_solver", "sine_position_2d"]
+__all__ = ["TaskSolver", "ait_task_solver", "nucleus_sample", "sine_position_2d"]
 
 IGNORE_INDEX = -100
 
@@ -273,14 +273,17 @@ class TaskSolver(nn.Module):
         *,
         use_cache: bool = True,
         soft_input: bool = False,
+        top_p: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding of ``length`` tokens restricted to ``task``'s codes (the official ``top_p=0``).
+        """Decode ``length`` tokens restricted to ``task``'s codes.
 
-        Returns the task's code logits ``(B, length, K)`` (for the soft decode) and the arg-max codes
-        ``(B, length)`` (tokenizer code ids, not vocabulary ids). Parallel solvers decode in one pass; otherwise
-        step by step, with a key/value cache (``use_cache``) or re-running the whole prefix each step. With
-        ``soft_input`` the next input is the softmax-weighted mix of the task's code embeddings instead of
-        the arg-max code's embedding.
+        Returns the task's code logits ``(B, length, K)`` (for the soft decode) and the chosen codes ``(B, length)``
+        (tokenizer code ids, not vocabulary ids). Each code is drawn from the nucleus of its step's softmax
+        (:func:`nucleus_sample`, ``top_p``; ``0``, the official depth setting, is greedy). Parallel solvers
+        decode in one pass; otherwise step by step, with a key/value cache (``use_cache``) or re-running the whole
+        prefix each step. With ``soft_input`` the next input is the softmax-weighted mix of the task's code
+        embeddings (of the unfiltered logits, as officially) instead of the chosen code's embedding.
         """
         start, stop = self.vocabulary.task_span(task)
         t = self._task_index(task)
@@ -290,12 +293,12 @@ class TaskSolver(nn.Module):
         batch = memory.shape[0]
         if self.parallel:
             logits = self._decode(self._inputs(task, None, batch, length), memory)[..., start:stop]
-            return logits, logits.argmax(-1)
+            return logits, nucleus_sample(logits, top_p, generator)
         positions, codes = self.position_embed[t], self.token_embed[start:stop]
         caches = [{} for _ in self.decoder] if use_cache else None
         step_input = self.prompt_embed[t].expand(batch, 1, -1)
         seen = torch.empty(batch, 0, self.dim, dtype=memory.dtype, device=memory.device)
-        out = []
+        out_logits, out_codes = [], []
         for i in range(length):
             x = step_input + positions[i]
             if use_cache:
@@ -303,13 +306,25 @@ class TaskSolver(nn.Module):
             else:
                 seen = torch.cat((seen, x), dim=1)
                 step_logits = self._decode(seen, memory)[:, -1, start:stop]
-            out.append(step_logits)
-            if soft_input:
-                step_input = (step_logits.softmax(-1) @ codes)[:, None]
-            else:
-                step_input = codes[step_logits.argmax(-1)][:, None]
-        logits = torch.stack(out, dim=1)
-        return logits, logits.argmax(-1)
+            chosen = nucleus_sample(step_logits, top_p, generator)
+            out_logits.append(step_logits)
+            out_codes.append(chosen)
+            step_input = (step_logits.softmax(-1) @ codes if soft_input else codes[chosen])[:, None]
+        return torch.stack(out_logits, dim=1), torch.stack(out_codes, dim=1)
+
+
+def nucleus_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices drawn from the most likely entries (last axis) while the probability ranked above them is at most
+    ``top_p`` (the most likely entry always stays); ``top_p <= 0`` is the arg-max, with no randomness drawn."""
+    if top_p <= 0:
+        return logits.argmax(-1)
+    probs = logits.float().softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the entries ranked above each one
+    kept = torch.where(before <= top_p, sorted_probs, 0.0)  # the official rule: drop once the mass above exceeds p
+    kept[..., 0] = sorted_probs[..., 0]
+    draw = torch.multinomial(kept.flatten(0, -2), 1, generator=generator).view(*kept.shape[:-1], 1)
+    return order.gather(-1, draw).squeeze(-1)
 
 
 @register_model(meta={"source": "AiT ait/configs (depth): SwinV2 last stage, 6 + 6 pre-norm blocks of width 256"})
