@@ -120,13 +120,17 @@ def test_loss_over_the_task_codes_only():
 
 # ------------------------------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("soft_input", [False, True])
-def test_cached_decoding_equals_uncached(soft_input):
-    solver = varied(tiny_solver())
-    images = torch.randn(2, 3, 32, 32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_decoding_equals_uncached(soft_input, dtype):
+    """Same tokens exactly; the logits differ only by rounding (a GEMM's row depends on the row count on this
+    CPU: 5e-7 for one 32-wide Linear), which float64 shrinks to ~1e-15."""
+    solver = varied(tiny_solver()).to(dtype)
+    images = torch.randn(2, 3, 32, 32, dtype=dtype)
     logits, codes = solver.generate(images, "depth", TOKENS, soft_input=soft_input)
     ref_logits, ref_codes = solver.generate(images, "depth", TOKENS, soft_input=soft_input, use_cache=False)
     assert torch.equal(codes, ref_codes)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)  # GEMM shapes differ: rounding only
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(logits, ref_logits, rtol=tol, atol=tol)
     assert logits.shape == (2, TOKENS, 16) and len(codes.unique()) > 1
 
 
