@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from swinlab.ait import SoftVQVAE
-from swinlab.ait.aux_loss import aux_loss, freeze_tokenizer
+from swinlab.ait.aux_loss import aux_loss, dice_loss, freeze_tokenizer
 from swinlab.ait.solver import TaskSolver, nucleus_sample
 from swinlab.ait.vocabulary import Vocabulary
 from swinlab.data.depth import ProceduralDepth
@@ -213,9 +213,12 @@ def test_mask_aux_loss_is_dice_plus_mse():
     logits = torch.randn(3, 16, 8)
     masks = (torch.rand(3, 16, 16) > 0.5).float()
     pred = tokenizer.decode_soft(logits)[:, 0]
-    dice = 1 - (2 * (pred * masks).sum((1, 2)) + 1) / (pred.sum((1, 2)) + masks.sum((1, 2)) + 1)
+    clipped = pred.clamp(0, 1)
+    dice = 1 - (2 * (clipped * masks).sum((1, 2)) + 1) / (clipped.sum((1, 2)) + masks.sum((1, 2)) + 1)
     expected = dice.mean() + ((pred - masks) ** 2).mean()
     torch.testing.assert_close(aux_loss(tokenizer, logits, masks), expected)
+    # an overshooting prediction is clipped to 1 first: a perfect mask, not a penalty (official)
+    assert dice_loss(torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]])).item() == 0.0
 
 
 def test_depth_tokenizer_and_solver_round_trip():

@@ -20,8 +20,9 @@ def freeze_tokenizer(tokenizer: SoftVQVAE) -> SoftVQVAE:
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over masks of ``1 − (2 Σ p·t + s) / (Σ p + Σ t + s)`` (one mask per leading index)."""
-    p, t = pred.flatten(1), target.flatten(1)
+    """Mean over masks of ``1 − (2 Σ p·t + s) / (Σ p + Σ t + s)`` (one mask per leading index), the prediction
+    clipped to [0, 1] first as officially (a decoded soft mask may overshoot)."""
+    p, t = pred.clamp(0, 1).flatten(1), target.flatten(1)
     return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
 
 
