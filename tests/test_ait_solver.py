@@ -1,5 +1,7 @@
 """AiT task-solver: shared vocabulary, cached / uncached / parallel decoding, soft tokens, auxiliary loss."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -240,3 +242,44 @@ def test_depth_tokenizer_and_solver_round_trip():
     assert torch.equal(tokenizer.decode_ids(codes), tokenizer.decode_ids(tokenizer.encode(depth)))
     decoded = tokenizer.decode_soft(code_logits, tau=0.8)
     assert decoded.shape == depth.shape and torch.isfinite(decoded).all()
+
+
+# ------------------------------------------------------------------------------------------------- official parity
+class FeaturesIn(torch.nn.Module):
+    """Stands in for the backbone so the head reads the recorded backbone features as they are."""
+
+    def forward_features(self, x: torch.Tensor, return_map: bool = True) -> torch.Tensor:
+        return x
+
+
+def test_head_matches_the_official_artransformer():
+    """A case recorded from the official ``ARTransformer`` (1 + 2 blocks, width 16, vocabulary of 50 ids, depth
+    codes 34..49, random weights of std 0.3): teacher-forced, AR (hard and soft inputs) and AiT-P logits."""
+    case = torch.load(Path(__file__).parent / "fixtures" / "ait_head_official_small.pt", weights_only=True)
+    cfg = case["config"]
+    vocabulary = Vocabulary.official(cfg["num_bins"], cfg["num_classes"], {"mask": 8, "depth": 16})
+    backbone = SwinTransformerV2(img_size=32, embed_dim=cfg["in_chans"], depths=(1,), num_heads=(2,), num_classes=0)
+    solver = TaskSolver(
+        backbone, vocabulary, prompts=("det", "insseg", "depth", "other"), max_length=cfg["dec_length"],
+        dim=cfg["d_model"], heads=cfg["nhead"], hidden=cfg["dim_feedforward"], encoder_layers=1, decoder_layers=2,
+        dropout=0.0, drop_path=0.0, parallel=True,
+    )  # fmt: skip
+    solver.load_official_head(case["state_dict"])
+    solver.backbone = FeaturesIn()
+    feats, targets, n = case["features"], case["targets"], cfg["dec_length"]
+    tol = dict(rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(solver(feats, "depth", targets), case["parallel_logits"], **tol)
+    logits, codes = solver.eval().generate(feats, "depth", n)
+    torch.testing.assert_close(logits, case["parallel_ar"][0], **tol)
+    assert torch.equal(codes, case["parallel_ar"][1])
+    solver.parallel = False
+    torch.testing.assert_close(solver.train()(feats, "depth", targets), case["forced_logits"], **tol)
+    for mode in ("hard", "soft"):
+        logits, codes = solver.eval().generate(feats, "depth", n, soft_input=mode == "soft")
+        torch.testing.assert_close(logits, case[f"ar_{mode}"][0], **tol)
+        assert torch.equal(codes, case[f"ar_{mode}"][1]), mode
+    with pytest.raises(KeyError, match=r"unknown key 'head\.bias'"):
+        solver.load_official_head({"head.bias": torch.zeros(1)})
+    learned = {**case["state_dict"], "enc_embed": torch.randn_like(case["state_dict"]["enc_embed"])}
+    with pytest.raises(ValueError, match="not the fixed 2-D sine table"):
+        solver.load_official_head(learned)

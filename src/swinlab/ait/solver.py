@@ -4,7 +4,7 @@ a tied classifier, predicting a task's token sequence (autoregressively with a k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from swinlab.layers.mlp import Mlp
 from swinlab.models.registry import create_model, register_model
 from swinlab.models.swin import SwinTransformerV2
 
-__all__ = ["TaskSolver", "ait_task_solver", "nucleus_sample", "sine_position_2d"]
+__all__ = ["TaskSolver", "ait_task_solver", "nucleus_sample", "official_head_state_dict", "sine_position_2d"]
 
 IGNORE_INDEX = -100
 
@@ -192,6 +192,15 @@ class TaskSolver(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         return self.backbone.no_weight_decay_keywords()
 
+    def load_official_head(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load the state dict of an official ``ARTransformer`` (AiT's head, its own keys) into the head; the
+        backbone is left as it is. Every head key must be present and of the right shape."""
+        converted = official_head_state_dict(state_dict, self.dim)
+        result = self.load_state_dict(converted, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("backbone.")]
+        if missing or result.unexpected_keys:
+            raise KeyError(f"official head state dict: missing {missing}, unexpected {result.unexpected_keys}")
+
     # ------------------------------------------------------------------------------------------- pieces
     def _task_index(self, task: str) -> int:
         if task not in self.prompts:
@@ -311,6 +320,46 @@ class TaskSolver(nn.Module):
             out_codes.append(chosen)
             step_input = (step_logits.softmax(-1) @ codes if soft_input else codes[chosen])[:, None]
         return torch.stack(out_logits, dim=1), torch.stack(out_codes, dim=1)
+
+
+_OFFICIAL_MODULES = {
+    "input_proj": "input_proj",
+    "stem_ln": "stem_norm",
+    "encout_ln": "encoder_norm",
+    "proj": "memory_proj",
+    "proj_ln": "memory_proj_norm",
+    "proj_mlp": "memory_mlp",
+    "proj_mlp_ln": "memory_mlp_norm",
+    "norm": "decoder_norm",
+}
+_OFFICIAL_ATTENTION = {"wq": "q", "wk": "k", "wv": "v", "crossattn": "cross"}
+
+
+def official_head_state_dict(state_dict: Mapping[str, torch.Tensor], dim: int) -> dict[str, torch.Tensor]:
+    """The official ``ARTransformer`` keys renamed to :class:`TaskSolver`'s head keys (prompts ``det_embed``
+    ``(T, 1, d)`` become ``(T, d)``, the ``[MASK]`` embedding ``(1, 1, d)`` becomes ``(d,)``). The fixed
+    ``enc_embed`` buffer is checked against :func:`sine_position_2d` and dropped: the solver computes it for any
+    feature size; a learned or normalised one is refused."""
+    out = {}
+    for key, value in state_dict.items():
+        first, *rest = key.split(".")
+        if first in ("encoder", "decoder") and len(rest) >= 3 and rest[0] == "blocks":
+            out[".".join([first, rest[1], *(_OFFICIAL_ATTENTION.get(r, r) for r in rest[2:])])] = value
+        elif first in _OFFICIAL_MODULES:
+            out[".".join([_OFFICIAL_MODULES[first], *rest])] = value
+        elif key in ("voc_embed", "outp_bias", "dec_embed"):
+            out[{"voc_embed": "token_embed", "outp_bias": "output_bias", "dec_embed": "position_embed"}[key]] = value
+        elif key == "det_embed":
+            out["prompt_embed"] = value[:, 0]
+        elif key == "mask_embed":
+            out["mask_embed"] = value.reshape(-1)
+        elif key == "enc_embed":
+            rows, cols = value.shape[1:3]
+            if not torch.allclose(value.reshape(rows * cols, -1).float(), sine_position_2d(rows, cols, dim), atol=1e-6):
+                raise ValueError("official head: enc_embed is not the fixed 2-D sine table (pos_enc 'sine')")
+        else:
+            raise KeyError(f"official head state dict: unknown key {key!r}")
+    return out
 
 
 def nucleus_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
