@@ -21,6 +21,12 @@ def test_info_reports_params_flops_and_memory(capsys):
     assert "params" in out and "GFLOP" in out and "MiB" in out
 
 
+def test_info_measures_the_backbone_of_a_model_that_needs_task_inputs(capsys):
+    assert main(["info", "ait_task_solver", "--img-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone only" in out and "GFLOP" in out
+
+
 def test_unknown_model_is_one_clear_line(capsys):
     assert main(["info", "swinv2_tiny_windw8_256"]) == 2
     err = capsys.readouterr().err

@@ -97,6 +97,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_more_than_images(model) -> bool:
+    import inspect
+
+    required = [
+        p
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(required) > 1
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -118,9 +129,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
         shape = (args.batch, model.in_chans, args.frames or frames, side or height, side or width)
         cost = measure(model, shape)
     else:
-        size = args.img_size or getattr(model, "img_size", 224)
+        # A model whose forward needs more than images (the AiT solver: task and targets) is measured on the
+        # image path it declares (its backbone); the rest of its cost depends on the task.
+        measured = getattr(model, "backbone", model) if _needs_more_than_images(model) else model
+        size = args.img_size or getattr(measured, "img_size", 224)
         size = size[0] if isinstance(size, (tuple, list)) else size
-        cost = measure(model, (args.batch, getattr(model, "in_chans", 3), size, size))
+        cost = measure(measured, (args.batch, getattr(measured, "in_chans", 3), size, size))
+        if measured is not model:
+            print(f"note              FLOPs and activations of the backbone only ({args.model}'s forward needs "
+                  "task inputs); parameters below are the backbone's, the whole model has "
+                  f"{params:,}")  # fmt: skip
     print(f"model             {args.model} (measured on the meta device: shapes only, nothing allocated; fused "
           "attention kernels may save less on a real device)")  # fmt: skip
     print(cost.format())
