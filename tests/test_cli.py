@@ -22,7 +22,7 @@ def test_info_reports_params_flops_and_memory(capsys):
 
 
 def test_info_measures_the_backbone_of_a_model_that_needs_task_inputs(capsys):
-    assert main(["info", "ait_task_solver", "--img-size", "64"]) == 0
+    assert main(["info", "ait_task_solver"]) == 0
     out = capsys.readouterr().out
     assert "backbone only" in out and "GFLOP" in out
 
