@@ -27,18 +27,26 @@ Index = tuple[slice, slice, slice]
 
 
 def worth_chunking(q: torch.Tensor) -> bool:
-    """Whether the chunked form pays for ``q`` of shape ``(B, nW, h, N, d)``: float32 on the CPU with large logits."""
+    """Whether the chunked form pays for ``q`` of shape ``(B, nW, h, N, d)``: float32 on the CPU with large logits,
+    outside ``torch.compile`` (which fuses the plain formula its own way and would unroll the chunk loop)."""
     b, nw, h, n, _ = q.shape
-    return q.device.type == "cpu" and q.dtype == torch.float32 and b * nw * h * n * n * q.element_size() >= MIN_BYTES
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and b * nw * h * n * n * q.element_size() >= MIN_BYTES
+    )
 
 
 def _chunk_bytes() -> int:
     return CHUNK_BYTES * torch.get_num_threads()
 
 
-def _chunks(b: int, nw: int, h: int, n: int, itemsize: int) -> Iterator[Index]:
+def _chunks(q: torch.Tensor) -> Iterator[Index]:
     """(images, windows, heads) slices of about :func:`_chunk_bytes` of logits, never straddling two images' windows
     (a per-window bias is indexed by window)."""
+    b, nw, h, n, _ = q.shape
+    itemsize = q.element_size()
     limit = _chunk_bytes()
     per_window = h * n * n * itemsize
     if nw * per_window <= limit:
@@ -103,7 +111,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         b, nw, h, n, d = q.shape
         out = q.new_empty(b, nw, n, h, d)
         buf = q.new_empty(_buffer_size(q))
-        for index in _chunks(b, nw, h, n, q.element_size()):
+        for index in _chunks(q):
             p = _probabilities(q, k, bias, mask, index, buf)
             vc = v[index]
             out_c = torch.bmm(p, vc.reshape(-1, n, d))
@@ -120,7 +128,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
         dbias = bias.new_empty(bias.shape) if ctx.needs_input_grad[3] else None
         buf, dbuf = q.new_empty(_buffer_size(q)), q.new_empty(_buffer_size(q))
-        for index in _chunks(b, nw, h, n, q.element_size()):
+        for index in _chunks(q):
             p = _probabilities(q, k, bias, mask, index, buf)
             g = grad[index].reshape(p.shape[0], n, d)
             dp = dbuf[: p.numel()].view(p.shape)
