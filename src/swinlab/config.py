@@ -81,7 +81,9 @@ class DataConfig:
     (the python pickle batches in ``root``); videos: ``video`` (Kinetics-style lists ``train_list`` /
     ``val_list`` under ``root``), ``motion_demo`` (generated, ships with swinlab); text (byte-level language
     modelling): ``stdlib_docs`` (the Python standard library's docstrings, in every install), ``text`` (a
-    ``.txt`` file or a folder of them in ``root``)."""
+    ``.txt`` file or a folder of them in ``root``); depth (image + metric depth map): ``nyu_depth`` (BTS/GLPDepth
+    file lists ``train_list`` / ``val_list`` under ``root``, 16-bit PNG millimetres), ``procedural_depth``
+    (ray-cast rooms, generated), ``middlebury_motorcycle`` (scikit-image's stereo pair, extra ``depth``)."""
     root: str | None = None
     """Folder (or file) the dataset is read from; not needed for embedded or generated data."""
     img_size: Count = 32
@@ -112,9 +114,10 @@ class DataConfig:
     learn something on data the weights do not see (DARTS's architecture step: 0.5, as the official search)."""
     # -- video datasets (``video``: annotation lists, ``motion_demo``: generated); img_size is the crop size --
     train_list: str | None = None
-    """``video``: the training annotation list or CSV (``path label`` lines), relative to ``root``."""
+    """``video``: the training annotation list or CSV (``path label`` lines), relative to ``root``; ``nyu_depth``:
+    the BTS/GLPDepth file list (``rgb depth focal`` lines)."""
     val_list: str | None = None
-    """``video``: the validation annotation list or CSV, relative to ``root``."""
+    """``video``: the validation annotation list or CSV, relative to ``root``; ``nyu_depth``: the test file list."""
     clip_len: Count = 32
     """Frames per clip (the Video Swin K400 recipe: 32)."""
     frame_interval: Count = 2
@@ -124,7 +127,8 @@ class DataConfig:
     test_crops: Count = 1
     """Crops per clip at evaluation: 1 (centre) or 3 (along the longer side; K400: 3)."""
     scale_size: Count | None = None
-    """Short side before the training crop; ``None``: ``img_size / 0.875`` (256 for 224)."""
+    """Short side before the training crop; ``None``: ``img_size / 0.875`` for video (256 for 224), the frame's own
+    size for depth sets."""
     # -- text datasets (``stdlib_docs``, ``text``); val_limit caps the validation windows --
     seq_len: Count = 256
     """Bytes per window; the model is built with ``block_size = seq_len``."""
