@@ -373,3 +373,15 @@ def test_shapes_only_forward_on_the_meta_device():
         vae = swinlab.create_model("ait_depth_vqvae", image_size=64)
         out = vae(torch.empty(1, 1, 64, 64))
     assert out["ids"].shape == (1, 2, 2) and out["output"].shape == (1, 1, 64, 64)
+
+
+def test_code_search_under_autocast_runs_in_the_codebook_dtype():
+    # encode() of a bf16 run: bf16 distances would tie and reorder near codes
+    torch.manual_seed(0)
+    codebook = _small(num_codes=512)._vq_vae
+    with torch.no_grad():
+        codebook.codebook.copy_(torch.randn_like(codebook.codebook))  # 49 of 4096 ids differ in a bf16 search
+    z = torch.randn(64, 8, 8, 8).bfloat16()
+    expected = codebook.nearest(z.float().permute(0, 2, 3, 1).reshape(-1, 8)).view(64, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(codebook.ids(z), expected)

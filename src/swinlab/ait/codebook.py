@@ -14,6 +14,7 @@ outputs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 CODEBOOK_INITS = ("official", "data")
+
+
+def _full_precision(z: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``z``'s device (the meta device, where ``swinlab info`` measures, has no autocast)."""
+    return contextlib.nullcontext() if z.device.type == "meta" else torch.autocast(z.device.type, enabled=False)
 
 
 @dataclass
@@ -62,9 +68,12 @@ class _Quantizer(nn.Module):
         return distances.argmin(1)
 
     def ids(self, z: torch.Tensor) -> torch.Tensor:
-        """Ids ``(B, h, w)`` of encoder outputs ``z`` (B, D, h, w); no state changes."""
+        """Ids ``(B, h, w)`` of encoder outputs ``z`` (B, D, h, w); no state changes. Searched in the codebook's
+        dtype with autocast off, as in :meth:`forward`."""
         b, _, h, w = z.shape
-        return self.nearest(z.permute(0, 2, 3, 1).reshape(-1, self.dim)).view(b, h, w)
+        with _full_precision(z):
+            flat = z.to(self.codebook.dtype).permute(0, 2, 3, 1).reshape(-1, self.dim)
+            return self.nearest(flat).view(b, h, w)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Code vectors of ``ids`` (B, h, w) as a latent map ``(B, D, h, w)``."""
@@ -86,9 +95,7 @@ class _Quantizer(nn.Module):
         """Quantise ``z`` (B, D, h, w). Under autocast (bf16 runs) the search, the losses and the codebook's
         statistics still run in the codebook's dtype: low-precision distances would tie codes and low-precision EMA
         sums would drift (and a bf16 ``index_add_`` into the fp32 buffers is refused)."""
-        if z.device.type == "meta":
-            return self._quantize(z)
-        with torch.autocast(z.device.type, enabled=False):
+        with _full_precision(z):
             return self._quantize(z.to(self.codebook.dtype))
 
     def _quantize(self, z: torch.Tensor) -> Quantized:
