@@ -27,7 +27,7 @@ from swinlab.ait import SoftVQVAE, TaskSolver, aux_loss, freeze_tokenizer
 from swinlab.config import NonNegativeInt, Positive, Range, TaskConfig
 from swinlab.metrics.depth import DEPTH_METRICS, depth_metrics
 from swinlab.models.registry import create_model
-from swinlab.tasks.ait_tokenizer import EVAL_CROPS, depth_pictures
+from swinlab.tasks.ait_tokenizer import EVAL_CROPS, depth_line, depth_pictures
 from swinlab.tasks.base import Batch, FrozenModule, Logs, Task, model_device
 from swinlab.tasks.simmim import save_picture_grid
 
@@ -196,11 +196,8 @@ class AitDepthTask(Task):
         if "val_rmse" not in metrics:
             return []
         m = metrics
-        lines = [
-            f"depth RMSE {m['val_rmse']:.4f} m, AbsRel {m['val_abs_rel']:.4f}, d1 {m['val_d1']:.4f}, "
-            f"log10 {m['val_log10']:.4f}, SILog {m['val_silog']:.4f} (decode: "
-            f"{'soft, tau ' + format(self.config.tau, 'g') if self.config.soft_decode else 'hard'})"
-        ]
+        decode = f"soft, tau {self.config.tau:g}" if self.config.soft_decode else "hard"
+        lines = [f"{depth_line('depth', m)} (decode: {decode})"]
         if best is not None:
             lines.append(f"best depth RMSE {best:.4f} m after {epochs} epochs")
         return lines

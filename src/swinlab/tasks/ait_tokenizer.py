@@ -169,13 +169,20 @@ class AitTokenizerTask(Task):
             return []
         m = metrics
         lines = [
-            f"reconstruction RMSE {m['val_rmse']:.4f} m, AbsRel {m['val_abs_rel']:.4f}, d1 {m['val_d1']:.4f}, "
-            f"log10 {m['val_log10']:.4f}, SILog {m['val_silog']:.4f}",
+            depth_line("reconstruction", m),
             f"codebook: {m['val_usage']:.0%} of codes used on the validation set, perplexity {m['val_perplexity']:.1f}",
         ]
         if best is not None:
             lines.append(f"best reconstruction RMSE {best:.4f} m after {epochs} epochs")
         return lines
+
+
+def depth_line(what: str, m: Mapping[str, float]) -> str:
+    """The summary line of the validation depth metrics, e.g. ``depth RMSE 0.2860 m, AbsRel ...``."""
+    return (
+        f"{what} RMSE {m['val_rmse']:.4f} m, AbsRel {m['val_abs_rel']:.4f}, d1 {m['val_d1']:.4f}, "
+        f"log10 {m['val_log10']:.4f}, SILog {m['val_silog']:.4f}"
+    )
 
 
 def depth_pictures(depth: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
