@@ -4,7 +4,7 @@ a tied classifier, predicting a task's token sequence (autoregressively with a k
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ from swinlab.models.swin import SwinTransformerV2
 __all__ = ["TaskSolver", "ait_task_solver", "nucleus_sample", "official_head_state_dict", "sine_position_2d"]
 
 IGNORE_INDEX = -100
+Picker = Callable[[int | torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""A decoding step's choice: ``(position(s), vocabulary logits) -> (logits kept, ids chosen, next input embedding)``."""
 
 
 def sine_position_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
@@ -295,31 +297,93 @@ class TaskSolver(nn.Module):
         embeddings (of the unfiltered logits, as officially) instead of the chosen code's embedding.
         """
         start, stop = self.vocabulary.task_span(task)
+        codes = self.token_embed[start:stop]
+
+        def pick(position: int | torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            kept = logits[..., start:stop]
+            chosen = nucleus_sample(kept, top_p, generator)
+            return kept, chosen, kept.softmax(-1) @ codes if soft_input else codes[chosen]
+
+        return self._run_decoder(images, task, length, pick, use_cache)
+
+    @torch.no_grad()
+    def generate_tokens(
+        self,
+        images: torch.Tensor,
+        task: str,
+        length: int,
+        allowed: torch.Tensor,
+        *,
+        soft: torch.Tensor | None = None,
+        use_cache: bool = True,
+        top_p: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode ``length`` vocabulary ids of a structured sequence (e.g. AiT's objects: box bins, a class, mask
+        codes): position ``i`` may only produce the ids where ``allowed[i % P]`` is true (``allowed`` ``(P, V)``
+        bool, one row per position of the repeating unit), so every decoded sequence is well formed.
+
+        Returns vocabulary logits ``(B, length, V)`` with the disallowed ids at ``-inf`` and the ids ``(B, length)``.
+        Sampling and caching as in :meth:`generate`; where ``soft[i % P]`` (``(P,)`` bool, default none) the next
+        input is the softmax mix of the allowed ids' embeddings (AiT's soft input on a task's code positions).
+        """
+        self._task_index(task)
+        if allowed.ndim != 2 or allowed.shape[1] != self.vocabulary.size or allowed.dtype != torch.bool:
+            raise ValueError(
+                f"allowed must be a (P, {self.vocabulary.size}) bool tensor, got {allowed.dtype} {tuple(allowed.shape)}"
+            )
+        if not allowed.any(1).all():
+            raise ValueError(f"allowed row {int((~allowed.any(1)).nonzero()[0])} permits no id")
+        period = allowed.shape[0]
+        allowed = allowed.to(self.token_embed.device)
+        soft = torch.zeros(period, dtype=torch.bool) if soft is None else soft.bool()
+        if soft.shape != (period,):
+            raise ValueError(f"soft must be ({period},) like allowed's rows, got {tuple(soft.shape)}")
+        soft = soft.to(allowed.device)
+
+        def pick(position: int | torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            row = position % period
+            kept = logits.masked_fill(~allowed[row], float("-inf"))
+            chosen = nucleus_sample(kept, top_p, generator)
+            embed = self.token_embed[chosen]
+            if bool(soft[row].any()):
+                embed = torch.where(soft[row, ..., None], kept.softmax(-1) @ self.token_embed, embed)
+            return kept, chosen, embed
+
+        return self._run_decoder(images, task, length, pick, use_cache)
+
+    def _run_decoder(
+        self, images: torch.Tensor, task: str, length: int, pick: Picker, use_cache: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoding loop of :meth:`generate` and :meth:`generate_tokens`. ``pick(position, logits)`` turns
+        vocabulary logits (of one step, or of every position at once for a parallel solver) into the logits to
+        return, the chosen ids and the next input embedding."""
         t = self._task_index(task)
         if not 1 <= length <= self.max_length:
             raise ValueError(f"decode length must be in [1, {self.max_length}], got {length}")
         memory = self.encode(images)
         batch = memory.shape[0]
         if self.parallel:
-            logits = self._decode(self._inputs(task, None, batch, length), memory)[..., start:stop]
-            return logits, nucleus_sample(logits, top_p, generator)
-        positions, codes = self.position_embed[t], self.token_embed[start:stop]
+            logits = self._decode(self._inputs(task, None, batch, length), memory)
+            kept, chosen, _ = pick(torch.arange(length, device=logits.device), logits)
+            return kept, chosen
+        positions = self.position_embed[t]
         caches = [{} for _ in self.decoder] if use_cache else None
         step_input = self.prompt_embed[t].expand(batch, 1, -1)
         seen = torch.empty(batch, 0, self.dim, dtype=memory.dtype, device=memory.device)
-        out_logits, out_codes = [], []
+        out_logits, out_ids = [], []
         for i in range(length):
             x = step_input + positions[i]
             if use_cache:
-                step_logits = self._decode(x, memory, caches)[:, -1, start:stop]
+                step_logits = self._decode(x, memory, caches)[:, -1]
             else:
                 seen = torch.cat((seen, x), dim=1)
-                step_logits = self._decode(seen, memory)[:, -1, start:stop]
-            chosen = nucleus_sample(step_logits, top_p, generator)
-            out_logits.append(step_logits)
-            out_codes.append(chosen)
-            step_input = (step_logits.softmax(-1) @ codes if soft_input else codes[chosen])[:, None]
-        return torch.stack(out_logits, dim=1), torch.stack(out_codes, dim=1)
+                step_logits = self._decode(seen, memory)[:, -1]
+            kept, chosen, embed = pick(i, step_logits)
+            out_logits.append(kept)
+            out_ids.append(chosen)
+            step_input = embed[:, None]
+        return torch.stack(out_logits, dim=1), torch.stack(out_ids, dim=1)
 
 
 _OFFICIAL_MODULES = {
