@@ -18,6 +18,7 @@ from swinlab.data.cifar import CIFAR
 from swinlab.data.depth import DEPTH_DATASETS, IMAGENET_MEAN, IMAGENET_STD, depth_sets
 from swinlab.data.idx import FashionMNIST
 from swinlab.data.imagefolder import ImageFolder
+from swinlab.data.instances import INSTANCE_DATASETS, collate_instances, instance_sets
 from swinlab.data.loading import SeededSubset, TransformedDataset, collate_skip_none
 from swinlab.data.samplers import SeededDistributedSampler, ShardSampler
 from swinlab.data.transforms import ImageTransform
@@ -25,7 +26,7 @@ from swinlab.data.video import VIDEO_DATASETS, video_sets
 
 DATASETS = (
     "fashion_mnist_embedded", "fashion_mnist", "imagefolder", "cifar10", "cifar100",
-    *VIDEO_DATASETS, *text.TEXT_DATASETS, *DEPTH_DATASETS,
+    *VIDEO_DATASETS, *text.TEXT_DATASETS, *DEPTH_DATASETS, *INSTANCE_DATASETS,
 )  # fmt: skip
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -39,7 +40,8 @@ class DataBundle:
     ``kind`` names what a batch is (``"image"``: ``(NCHW, labels)``; ``"video"``: ``(NCTHW, labels)`` for
     training and ``(N, views, C, T, H, W)`` for evaluation; ``"text"``: ``(inputs, next-token targets)``, both
     ``(N, seq_len)`` int64, with ``num_classes`` the vocabulary size; ``"depth"``: ``(NCHW normalised RGB,
-    (N, 1, H, W) float32 depth in metres, 0 = invalid)``); the trainer picks the task from it.
+    (N, 1, H, W) float32 depth in metres, 0 = invalid)``; ``"instances"``: ``(NCHW normalised RGB, list of N target
+    dicts)``, see :mod:`swinlab.data.instances`); the trainer picks the task from it.
     ``model_kwargs`` are the constructor arguments the data fixes (class count, channels, input size), so the
     trainer builds any family's model without knowing what kind of data it gets. ``extra_loaders`` holds further
     training loaders by name (``heldout``: the part of the training set ``data.heldout_fraction`` sets aside).
@@ -65,6 +67,9 @@ class DataBundle:
     """Per-channel mean the image batches were normalised with (to turn them back into pictures); ``None``: no
     image data."""
     std: tuple[float, ...] | None = None
+    category_ids: tuple[int, ...] = ()
+    """``instances``: the dataset's category id of each class index (COCO ids, to compare predictions with an
+    official annotation file); empty for other kinds."""
 
     def describe(self) -> str:
         """One line for the start of a run: sizes, what a sample is, classes (or vocabulary; none for dense labels)."""
@@ -217,6 +222,31 @@ def _depth_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> 
     )
 
 
+def _instances_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
+    """``(images, targets)`` batches (see :mod:`swinlab.data.instances`): flipped for training, fixed for validation."""
+    train_set, val_set = instance_sets(cfg)
+    collate = functools.partial(collate_instances, image_shape=(3, cfg.img_size, cfg.img_size))
+    train_loader, val_loader, extra = _loaders(cfg, train_set, val_set, ((), ()), seed, rank, world_size, collate)
+    source = train_set.source
+    return DataBundle(
+        train_loader=train_loader,
+        val_loader=val_loader,
+        num_classes=len(source.class_names),
+        in_chans=3,
+        class_names=list(source.class_names),
+        train_size=len(train_loader.sampler.dataset),
+        val_size=len(val_set),
+        kind="instances",
+        model_kwargs={"image_size": cfg.img_size},
+        extra_loaders=extra,
+        seed=seed,
+        rank=rank,
+        mean=tuple(cfg.mean or IMAGENET_MEAN),
+        std=tuple(cfg.std or IMAGENET_STD),
+        category_ids=tuple(source.category_ids),
+    )
+
+
 def _text_bundle(cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> DataBundle:
     """Byte windows (see :mod:`swinlab.data.text`): random ones for training, a fixed tiling for validation.
 
@@ -274,6 +304,8 @@ def build(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1) -> 
         return _text_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
     if cfg.name in DEPTH_DATASETS:
         return _depth_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
+    if cfg.name in INSTANCE_DATASETS:
+        return _instances_bundle(cfg, seed=seed, rank=rank, world_size=world_size)
     train_src, val_src = _sources(cfg)
     in_chans = train_src.channels
     out_chans = cfg.in_chans or in_chans

@@ -4,7 +4,8 @@ Each scene is a box-shaped room (floor, ceiling, three walls) seen from inside b
 random pitch and yaw, holding 2-5 spheres and boxes that rest on the floor. Every pixel's ray is cast analytically
 against the planes, spheres and slabs, so the depth is exact: the camera-frame z of the first hit (what NYUv2's
 Kinect depth measures), in metres, always inside (0.5, 10) m. The RGB is Lambert shading of per-surface colours
-with a checkered floor; the instance map gives 0 for the room and k for the k-th object. A scene is a pure function
+with a checkered floor; the instance map gives 0 for the room and k for the k-th object, whose shape
+(:data:`OBJECT_KINDS`) is ``kinds[k - 1]``. A scene is a pure function
 of ``(seed, index, size)``: any index is rendered on demand, identically on every machine.
 """
 
@@ -18,19 +19,23 @@ FOV_DEGREES = 60.0
 """Horizontal field of view (NYUv2's Kinect: about 57 degrees)."""
 LIGHT = np.array([0.3, -0.8, -0.5]) / np.linalg.norm([0.3, -0.8, -0.5])
 """Direction towards the light in camera axes (x right, y down, z forward): from above, behind the camera."""
+OBJECT_KINDS = ("sphere", "box")
+"""The shapes an object can have: the classes of the procedural instance-segmentation set."""
 
 
 @dataclass(frozen=True)
 class Scene:
     """``rgb`` (H, W, 3) uint8, ``depth`` (H, W) float32 metres, ``instances`` (H, W) int64 (0 = room); ``room``
     (half width, floor and ceiling distance from the camera, back wall, in metres) and ``rotation`` (camera to room
-    axes) describe the geometry the pixels were cast against."""
+    axes) describe the geometry the pixels were cast against; ``kinds[k - 1]`` is object k's shape, one of
+    :data:`OBJECT_KINDS` (an object hidden by nearer ones has a kind but no pixel in ``instances``)."""
 
     rgb: np.ndarray
     depth: np.ndarray
     instances: np.ndarray
     room: dict[str, float]
     rotation: np.ndarray
+    kinds: tuple[str, ...] = ()
 
 
 def _rotation(pitch: float, yaw: float) -> np.ndarray:
@@ -106,11 +111,13 @@ def render_scene(size: int | tuple[int, int], seed: int, index: int) -> Scene:
     t, surface, normals = _hit_planes(d, room)
     instances = np.zeros(len(d), dtype=np.int64)
     colours = rng.uniform(0.35, 0.9, size=(5, 3))[surface]
+    kinds = []
     for k in range(1, int(rng.integers(2, 6)) + 1):
         radius = rng.uniform(0.25, 0.6)
         x = rng.uniform(-room["half_width"] + radius, room["half_width"] - radius)
         z = rng.uniform(1.8, room["back"] - radius)
-        if rng.random() < 0.5:
+        kinds.append(OBJECT_KINDS[int(rng.random() >= 0.5)])
+        if kinds[-1] == "sphere":
             center = np.array([x, room["floor"] - radius, z])
             tk, nk = _hit_sphere(d, center, radius)
         else:
@@ -132,4 +139,5 @@ def render_scene(size: int | tuple[int, int], seed: int, index: int) -> Scene:
         instances=instances.reshape(height, width),
         room=room,
         rotation=rotation,
+        kinds=tuple(kinds),
     )
