@@ -87,6 +87,11 @@ class ObjectSequences:
     real: torch.Tensor
     crops: torch.Tensor
 
+    def to(self, device: torch.device | str) -> ObjectSequences:
+        return ObjectSequences(
+            *(t.to(device) for t in (self.inputs, self.targets, self.weights, self.real, self.crops))
+        )
+
 
 class ObjectCoder:
     """Objects <-> token sequences of ``num_objects`` runs of ``4 + 1 + T`` tokens (T = the mask tokenizer's

@@ -1,5 +1,9 @@
-"""Training AiT's depth tokenizer as a task (``task: ait_tokenizer``): a :class:`~swinlab.ait.SoftVQVAE` of kind
-``depth`` learns to reconstruct depth maps (metres, 0 = invalid) through the one engine.
+"""Training AiT's tokenizers as tasks: ``task: ait_tokenizer`` — a :class:`~swinlab.ait.SoftVQVAE` of kind ``depth``
+learns to reconstruct depth maps (metres, 0 = invalid); ``task: ait_mask_tokenizer`` — one of kind ``mask`` learns to
+reconstruct the binary instance masks of ``instances`` data, each cropped to its box and resized to the tokenizer's
+``image_size`` (:func:`~swinlab.ait.crop_masks`, as the task-solver's targets are made), scored by mask IoU. Both
+share the training step (the tokenizer's own forward), the codebook statistics, the DDP codebook rule and the
+pictures; they differ in what a label is and how a reconstruction is scored.
 
 A training step is the tokenizer's own forward (``loss`` = reconstruction on valid pixels + commitment; the EMA
 codebook updates in it), optionally on a patch-masked input with the full map as the label (AiT's mask
@@ -27,13 +31,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from swinlab.ait import SoftVQVAE, mask_patches
+from swinlab.ait import SoftVQVAE, crop_masks, mask_patches
 from swinlab.config import Count, NonNegativeInt, Positive, Range, TaskConfig
 from swinlab.metrics.depth import DEPTH_METRICS, depth_metrics
 from swinlab.tasks.base import Batch, Logs, Task, model_device
@@ -66,77 +70,102 @@ class AitTokenizerConfig(TaskConfig):
     on one scale per map, invalid pixels black); 0: no pictures."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class AitMaskTokenizerConfig(TaskConfig):
+    name: str = "ait_mask_tokenizer"
+    threshold: Annotated[float, Range(gt=0, lt=1)] = 0.5
+    """A reconstructed crop is binarised at this value for the mask IoU."""
+    max_masks: NonNegativeInt = 0
+    """Train on at most this many masks of a batch (the first ones; 0: all)."""
+    recon_images: NonNegativeInt = 8
+    """Validation masks drawn in ``masks_epoch<N>.png`` after every evaluation (rows: ground-truth crop,
+    reconstruction); 0: no pictures."""
+
+
 def _code_key(k: int) -> str:
     return f"code_{k:05d}"
 
 
-class AitTokenizerTask(Task):
-    """Reconstruction of depth maps through the tokenizer's codes; best checkpoint by reconstruction RMSE."""
+class _TokenizerTask(Task):
+    """What both tokenizer tasks share. A subclass says what the labels of a batch are (:meth:`labels`), how a
+    reconstruction is scored (:meth:`score`: per-label values, summed here and averaged in :meth:`finalize`) and
+    drawn (:meth:`pictures`)."""
 
-    Config = AitTokenizerConfig
-    data_kinds = ("depth",)
-    metric_names = ("val_loss", "val_recon_loss", *(f"val_{m}" for m in DEPTH_METRICS), "val_usage", "val_perplexity")
-    best_metric = ("val_rmse", "min")
+    kind: ClassVar[str]
+    model_name: ClassVar[str]
+    picture: ClassVar[str]
+    """File name stem of the pictures, ``<picture>_epoch<N>.png``."""
+    scores: ClassVar[tuple[str, ...]]
 
-    def __init__(self, config: AitTokenizerConfig | None = None, *, seed: int = 0, rank: int = 0) -> None:
-        self.config = config or AitTokenizerConfig()
-        if self.config.eval_crop not in EVAL_CROPS:
-            raise ValueError(f"task.eval_crop must be null or 'eigen', got {self.config.eval_crop!r}")
-        if self.config.min_depth >= self.config.max_depth:
-            raise ValueError(f"task.min_depth {self.config.min_depth} must be below task.max_depth")
+    def __init__(self, config: TaskConfig, *, seed: int = 0, rank: int = 0) -> None:
+        self.config = config
         self.seed, self.rank = seed, rank
-        self.masks_drawn = 0
-        """Training masks drawn so far (the task's checkpointed state)."""
         self._shown: torch.Tensor | None = None
-        """Validation maps of the last evaluation, for its picture."""
+        """Labels and reconstructions of the last evaluation, for its picture."""
 
     @classmethod
-    def from_config(cls, config: AitTokenizerConfig, data: DataBundle) -> AitTokenizerTask:
+    def from_config(cls, config: TaskConfig, data: DataBundle) -> _TokenizerTask:
         return cls(config, seed=data.seed, rank=data.rank)
 
     def prepare_model(self, model: nn.Module) -> SoftVQVAE:
-        if not isinstance(model, SoftVQVAE) or model.kind != "depth":
+        if not isinstance(model, SoftVQVAE) or model.kind != self.kind:
             what = f"a {model.kind} tokenizer" if isinstance(model, SoftVQVAE) else type(model).__name__
-            raise TypeError(f"task ait_tokenizer trains a depth SoftVQVAE (model.name: ait_depth_vqvae), got {what}")
+            raise TypeError(
+                f"task {self.config.name} trains a {self.kind} SoftVQVAE (model.name: {self.model_name}), got {what}"
+            )
         return model
 
     # -- what a batch means ----------------------------------------------------------------------------------
+    def labels(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The ``(N, 1, H, W)`` maps of a batch the tokenizer learns to reconstruct, on the model's device."""
+        raise NotImplementedError
+
+    def train_input(self, labels: torch.Tensor) -> torch.Tensor:
+        """What the encoder sees in a training step (default: the labels themselves)."""
+        return labels
+
+    def reconstruction(self, output: torch.Tensor) -> torch.Tensor:
+        """The decoded maps as they are scored and drawn."""
+        return output
+
+    def score(self, recon: torch.Tensor, labels: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        """Per-label values of each of :attr:`scores`."""
+        raise NotImplementedError
+
+    def pictures(self, labels: torch.Tensor, recon: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of ``(B, 1, H, W)`` pictures in [0, 1]."""
+        raise NotImplementedError
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Logs]:
-        depth = batch[1].to(model_device(model), non_blocking=True)
-        x = depth
-        if self.config.mask_ratio > 0:
-            generator = _stream(self.seed, self.rank, self.masks_drawn)
-            x, _ = mask_patches(depth, self.config.mask_ratio, self.config.mask_patch_size, generator)
-            self.masks_drawn += 1
-        out = model(x, depth)
+        labels = self.labels(model, batch)
+        out = model(self.train_input(labels), labels)
         return out["loss"], {k: torch.as_tensor(out[k], dtype=torch.float32).detach() for k in TRAIN_LOGS}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        """Per-image sums of the depth metrics and losses, and the set's code histogram (one key per code)."""
+        """Per-label sums of the scores and losses, and the set's code histogram (one key per code)."""
         _share_codebook(model)
-        c = self.config
         device = model_device(model)
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        sums = {k: zero.clone() for k in ("count", "loss", "recon_loss", *DEPTH_METRICS)}
+        sums = {k: zero.clone() for k in ("count", "loss", "recon_loss", *self.scores)}
         histogram = torch.zeros(model.num_codes, dtype=torch.float64, device=device)
+        shown = self.config.recon_images
         self._shown = None
         for batch in loader:
-            depth = batch[1].to(device, non_blocking=True)
-            n = depth.shape[0]
+            labels = self.labels(model, batch)
+            n = labels.shape[0]
             if n == 0:
                 continue
-            out = model(depth)
-            recon = out["output"].clamp_min(c.min_depth)
-            scores = depth_metrics(recon, depth, min_depth=c.min_depth, max_depth=c.max_depth, crop=c.eval_crop)
-            for name, values in scores.items():
+            out = model(labels)
+            recon = self.reconstruction(out["output"])
+            for name, values in self.score(recon, labels).items():
                 sums[name] += values.double().sum()
             sums["loss"] += out["loss"].double() * n
             sums["recon_loss"] += out["recon_loss"].double() * n
             sums["count"] += n
             histogram.index_add_(0, out["ids"].flatten(), torch.ones_like(out["ids"].flatten(), dtype=torch.float64))
-            if self._shown is None and c.recon_images:
-                self._shown = torch.stack([depth[: c.recon_images], recon[: c.recon_images]]).cpu()
+            if self._shown is None and shown:
+                self._shown = torch.stack([labels[:shown], recon[:shown]]).cpu()
         sums.update({_code_key(k): histogram[k] for k in range(model.num_codes)})
         return sums
 
@@ -144,37 +173,156 @@ class AitTokenizerTask(Task):
         n = sums["count"]
         if not n:
             return {}
-        metrics = {f"val_{k}": sums[k] / n for k in ("loss", "recon_loss", *DEPTH_METRICS)}
+        metrics = {f"val_{k}": sums[k] / n for k in ("loss", "recon_loss", *self.scores)}
         counts = torch.tensor([v for k, v in sorted(sums.items()) if k.startswith("code_")], dtype=torch.float64)
         probs = counts / counts.sum()
         metrics["val_usage"] = float((counts > 0).double().mean())
         metrics["val_perplexity"] = float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
         return metrics
 
-    # -- what it keeps and leaves behind ---------------------------------------------------------------------
+    # -- what it leaves behind -------------------------------------------------------------------------------
+    def on_epoch_end(self, model: nn.Module, epoch: int, run_dir: Path, metrics: Mapping[str, float]) -> None:
+        """``<picture>_epoch<N>.png`` after every evaluation: ground truth above, reconstruction below."""
+        if not metrics or self._shown is None:
+            return
+        save_picture_grid(self.pictures(*self._shown), run_dir / f"{self.picture}_epoch{epoch}.png")
+
+    def codebook_line(self, m: Mapping[str, float]) -> str:
+        return (
+            f"codebook: {m['val_usage']:.0%} of codes used on the validation set, perplexity {m['val_perplexity']:.1f}"
+        )
+
+
+class AitTokenizerTask(_TokenizerTask):
+    """Reconstruction of depth maps through the tokenizer's codes; best checkpoint by reconstruction RMSE."""
+
+    Config = AitTokenizerConfig
+    data_kinds = ("depth",)
+    metric_names = ("val_loss", "val_recon_loss", *(f"val_{m}" for m in DEPTH_METRICS), "val_usage", "val_perplexity")
+    best_metric = ("val_rmse", "min")
+    kind, model_name, picture, scores = "depth", "ait_depth_vqvae", "depth", DEPTH_METRICS
+
+    def __init__(self, config: AitTokenizerConfig | None = None, *, seed: int = 0, rank: int = 0) -> None:
+        super().__init__(config or AitTokenizerConfig(), seed=seed, rank=rank)
+        if self.config.eval_crop not in EVAL_CROPS:
+            raise ValueError(f"task.eval_crop must be null or 'eigen', got {self.config.eval_crop!r}")
+        if self.config.min_depth >= self.config.max_depth:
+            raise ValueError(f"task.min_depth {self.config.min_depth} must be below task.max_depth")
+        self.masks_drawn = 0
+        """Training masks drawn so far (the task's checkpointed state)."""
+
+    def labels(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return batch[1].to(model_device(model), non_blocking=True)
+
+    def train_input(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.mask_ratio <= 0:
+            return labels
+        generator = _stream(self.seed, self.rank, self.masks_drawn)
+        masked, _ = mask_patches(labels, self.config.mask_ratio, self.config.mask_patch_size, generator)
+        self.masks_drawn += 1
+        return masked
+
+    def reconstruction(self, output: torch.Tensor) -> torch.Tensor:
+        return output.clamp_min(self.config.min_depth)
+
+    def score(self, recon: torch.Tensor, labels: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        c = self.config
+        return depth_metrics(recon, labels, min_depth=c.min_depth, max_depth=c.max_depth, crop=c.eval_crop)
+
+    def pictures(self, labels: torch.Tensor, recon: torch.Tensor) -> list[torch.Tensor]:
+        return list(depth_pictures(labels, recon))
+
     def state_dict(self) -> dict[str, Any]:
         return {"masks_drawn": self.masks_drawn}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.masks_drawn = int(state["masks_drawn"])
 
-    def on_epoch_end(self, model: nn.Module, epoch: int, run_dir: Path, metrics: Mapping[str, float]) -> None:
-        """``depth_epoch<N>.png`` after every evaluation: ground truth above, reconstruction below."""
-        if not metrics or self._shown is None:
-            return
-        save_picture_grid(list(depth_pictures(*self._shown)), run_dir / f"depth_epoch{epoch}.png")
-
     def summary(self, metrics: Mapping[str, float], best: float | None, epochs: int) -> list[str]:
         if "val_rmse" not in metrics:
             return []
-        m = metrics
-        lines = [
-            depth_line("reconstruction", m),
-            f"codebook: {m['val_usage']:.0%} of codes used on the validation set, perplexity {m['val_perplexity']:.1f}",
-        ]
+        lines = [depth_line("reconstruction", metrics), self.codebook_line(metrics)]
         if best is not None:
             lines.append(f"best reconstruction RMSE {best:.4f} m after {epochs} epochs")
         return lines
+
+
+class AitMaskTokenizerTask(_TokenizerTask):
+    """Reconstruction of box-cropped instance masks through the tokenizer's codes (plain MSE on ±1, official);
+    best checkpoint by the mean mask IoU of the binarised reconstructions."""
+
+    Config = AitMaskTokenizerConfig
+    data_kinds = ("instances",)
+    metric_names = ("val_loss", "val_recon_loss", "val_mask_iou", "val_usage", "val_perplexity")
+    best_metric = ("val_mask_iou", "max")
+    kind, model_name, picture, scores = "mask", "ait_insseg_vqvae", "masks", ("mask_iou",)
+
+    def __init__(self, config: AitMaskTokenizerConfig | None = None, *, seed: int = 0, rank: int = 0) -> None:
+        super().__init__(config or AitMaskTokenizerConfig(), seed=seed, rank=rank)
+
+    def labels(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Every object's mask of the batch cropped to its box, ``(n, 1, S, S)`` in {0, 1} (S: the tokenizer's
+        ``image_size``)."""
+        crops = [crop_masks(t["masks"], t["boxes"], model.image_size) for t in batch[1]]
+        crops = torch.cat(crops) if crops else torch.zeros(0, model.image_size, model.image_size)
+        if self.config.max_masks:
+            crops = crops[: self.config.max_masks]
+        return crops[:, None].to(model_device(model), non_blocking=True)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Logs]:
+        if not any(len(t["labels"]) for t in batch[1]):
+            raise ValueError("task ait_mask_tokenizer: a training batch holds no object mask")
+        return super().loss(model, batch)
+
+    def reconstruction(self, output: torch.Tensor) -> torch.Tensor:
+        return output.clamp(0, 1)
+
+    def score(self, recon: torch.Tensor, labels: torch.Tensor) -> Mapping[str, torch.Tensor]:
+        return {"mask_iou": mask_iou(recon >= self.config.threshold, labels >= 0.5)}
+
+    def pictures(self, labels: torch.Tensor, recon: torch.Tensor) -> list[torch.Tensor]:
+        return [labels, recon]
+
+    def summary(self, metrics: Mapping[str, float], best: float | None, epochs: int) -> list[str]:
+        if "val_mask_iou" not in metrics:
+            return []
+        lines = [f"reconstruction mask IoU {metrics['val_mask_iou']:.4f}", self.codebook_line(metrics)]
+        if best is not None:
+            lines.append(f"best reconstruction mask IoU {best:.4f} after {epochs} epochs")
+        return lines
+
+
+def load_run_tokenizer(source: str | None, kind: str, task: str, trainer: str) -> tuple[SoftVQVAE, Path]:
+    """The ``kind`` tokenizer of a run folder (or checkpoint) of ``task: <trainer>``, frozen, for ``task: <task>``;
+    errors name the ``task.tokenizer`` key (a missing file, a checkpoint that is no run, another kind of tokenizer)."""
+    from swinlab.engine.checkpoint import load_checkpoint  # the engine imports tasks: resolve it at call time
+    from swinlab.models.registry import create_model
+
+    if not source:
+        raise ValueError(f"task.tokenizer is required: the run folder (or checkpoint.pt) of a 'task: {trainer}' run")
+    path = Path(source)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"task.tokenizer: no tokenizer checkpoint at {path}")
+    ckpt = load_checkpoint(path)
+    config = ckpt.get("config") or {}
+    model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
+    if "name" not in model_cfg or "model" not in ckpt:
+        raise ValueError(f"task.tokenizer: {path} is not a swinlab run checkpoint (no model config and weights)")
+    kwargs = {"image_size": data_cfg["img_size"]} if "img_size" in data_cfg else {}
+    tokenizer = create_model(model_cfg["name"], **{**kwargs, **(model_cfg.get("kwargs") or {})})
+    if not isinstance(tokenizer, SoftVQVAE) or tokenizer.kind != kind:
+        what = f"a {tokenizer.kind} tokenizer" if isinstance(tokenizer, SoftVQVAE) else type(tokenizer).__name__
+        raise TypeError(f"task.tokenizer: {path} holds {what}; task {task} needs a {kind} tokenizer")
+    tokenizer.load_state_dict(ckpt["model"])
+    return tokenizer.eval().requires_grad_(False), path
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-mask IoU of boolean masks (leading index = mask); two empty masks agree fully (IoU 1)."""
+    p, t = pred.flatten(1), target.flatten(1)
+    union = (p | t).sum(1)
+    return torch.where(union > 0, (p & t).sum(1) / union.clamp_min(1), 1.0)
 
 
 def depth_line(what: str, m: Mapping[str, float]) -> str:

@@ -25,6 +25,8 @@ TASKS: dict[str, str] = {
     "darts_eval": "swinlab.tasks.darts:DartsEvalTask",
     "ait_tokenizer": "swinlab.tasks.ait_tokenizer:AitTokenizerTask",
     "ait_depth": "swinlab.tasks.ait_depth:AitDepthTask",
+    "ait_mask_tokenizer": "swinlab.tasks.ait_tokenizer:AitMaskTokenizerTask",
+    "ait_insseg": "swinlab.tasks.ait_insseg:AitInsSegTask",
 }
 
 
