@@ -172,5 +172,7 @@ def test_errors(targets):
         coco_ap(predictions, {"images": [], "annotations": [], "categories": []})
     with pytest.raises(ValueError, match=r"images \[7\] that the ground truth does not have"):
         coco_ap([{**predictions[0], "image_id": 7}, predictions[1]], targets)
+    with pytest.raises(ValueError, match=r"repeat image ids \[3\]"):
+        coco_ap(predictions, [targets[0], targets[0]])
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         coco_ap(predictions, "/nonexistent/instances_val2017.json")

@@ -77,6 +77,10 @@ def _ground_truth_from_targets(
 ) -> dict[str, Any]:
     """A COCO annotation dict of ``instances`` targets: sizes from the masks (else ``orig_size``), areas the mask
     pixel counts (box areas without masks), ids from 1 (pycocotools takes id 0 for "unmatched")."""
+    ids = [int(target["image_id"]) for target in targets]
+    if len(set(ids)) < len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"ground-truth targets repeat image ids {twice[:5]}: each image must appear once")
     images, annotations = [], []
     for target in targets:
         masks = target.get("masks")
