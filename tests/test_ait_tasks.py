@@ -1,5 +1,6 @@
 """AiT tasks through the engine: ``task: ait_tokenizer`` trains a depth SoftVQVAE on procedural depth maps, logs its
-components, scores reconstructions with the official depth metrics, draws them, and resumes exactly."""
+components, scores reconstructions with the official depth metrics, draws them, and resumes exactly;
+``task: ait_mask_tokenizer`` trains a mask SoftVQVAE on box-cropped instance masks and scores their IoU."""
 
 from __future__ import annotations
 
@@ -14,13 +15,19 @@ import torch
 import yaml
 from PIL import Image
 
-from swinlab.ait import SoftVQVAE
+from swinlab.ait import SoftVQVAE, crop_masks
 from swinlab.config import DataConfig, ModelConfig, OptimConfig
 from swinlab.data import build
 from swinlab.engine import build_run_model, build_task, evaluate, load_checkpoint, run_evaluation, train
 from swinlab.metrics.depth import mean_depth_metrics
 from swinlab.recipe import TrainConfig, load_config
-from swinlab.tasks.ait_tokenizer import AitTokenizerConfig, AitTokenizerTask
+from swinlab.tasks.ait_tokenizer import (
+    AitMaskTokenizerConfig,
+    AitMaskTokenizerTask,
+    AitTokenizerConfig,
+    AitTokenizerTask,
+    mask_iou,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # 32 px maps, downsample 8: 4x4 tokens, 16 codes of 16 dims, one residual block.
@@ -227,3 +234,69 @@ def test_two_ranks_share_one_codebook(tmp_path):
     alone = evaluate(cfg.output_dir)
     for key in ("val_rmse", "val_abs_rel", "val_usage"):
         assert float(last[key]) == pytest.approx(alone[key], rel=1e-6), key
+
+
+# -- the mask tokenizer (task: ait_mask_tokenizer) --------------------------------------------------------------------
+MASK_TINY = {"image_size": 16, "downsample": 4, "num_codes": 16, "code_dim": 16, "width": 8, "num_res_blocks": 1}
+
+
+def _mask_cfg(out: Path, **overrides) -> TrainConfig:
+    base = {
+        "model": ModelConfig(name="ait_insseg_vqvae", kwargs=MASK_TINY),
+        "data": DataConfig(name="procedural_instances", img_size=32, train_limit=64, val_limit=8, batch_size=8),
+        "task": AitMaskTokenizerConfig(recon_images=4),
+        "optim": OptimConfig(lr=2e-3, weight_decay=0.0, warmup_epochs=0.0),
+        "epochs": 2,
+        "threads": 1,
+        "reuse_cpu_memory": False,
+        "output_dir": str(out),
+    }
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_mask_tokenizer_task_learns_box_crops_and_scores_iou(tmp_path):
+    out = tmp_path / "masks"
+    train(_mask_cfg(out))
+    rows = _rows(out)
+    assert len(rows) == 2
+    for key in ("train_loss", "train_recon_loss", "train_usage", "val_mask_iou", "val_usage", "val_perplexity"):
+        assert rows[-1][key] != "", key
+    cfg = _mask_cfg(out)
+    model, task, bundle = _initial(cfg)
+    untrained = run_evaluation(model, task, bundle.val_loader)
+    model.load_state_dict(load_checkpoint(out / "checkpoint.pt")["model"])
+    got = run_evaluation(model, task, bundle.val_loader)
+    assert got["val_mask_iou"] == pytest.approx(float(rows[-1]["val_mask_iou"]), rel=1e-5)
+    assert got["val_recon_loss"] < untrained["val_recon_loss"], (got, untrained)
+    # by hand: every object's mask cropped to its box at 16 px, encoded, decoded, binarised at 0.5, IoU per mask
+    crops = torch.cat([crop_masks(t["masks"], t["boxes"], 16) for _, targets in bundle.val_loader for t in targets])
+    with torch.no_grad():
+        recon = model.decode_ids(model.encode(crops[:, None]))[:, 0] >= 0.5
+    truth = crops >= 0.5
+    iou = (recon & truth).flatten(1).sum(1) / (recon | truth).flatten(1).sum(1)
+    assert got["val_mask_iou"] == pytest.approx(float(iou.mean()), rel=1e-5)
+    with Image.open(out / "masks_epoch2.png") as picture:  # 2 rows x 4 crops of 16 px enlarged 6x to 96
+        assert picture.size == (4 * 96 + 3 * 2, 2 * 96 + 2)
+    assert any("reconstruction mask IoU" in line for line in evaluate(out)["summary"])
+
+
+def test_mask_iou_and_the_mask_task_refusals():
+    a = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]).bool()
+    b = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]).bool()
+    assert mask_iou(a, b).tolist() == [0.5, 1.0, 0.0]
+    with pytest.raises(TypeError, match=r"task ait_mask_tokenizer trains a mask SoftVQVAE .* got a depth tokenizer"):
+        AitMaskTokenizerTask().prepare_model(SoftVQVAE(**TINY))
+    cfg = _mask_cfg(Path("unused"), data=DataConfig(name="procedural_depth", img_size=32, train_limit=8, val_limit=8))
+    with pytest.raises(ValueError, match="reads instances batches, but data 'procedural_depth' gives depth"):
+        build_task(cfg, build(cfg.data, seed=0))
+    model = SoftVQVAE(kind="mask", **MASK_TINY)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 32, 32)}
+    with pytest.raises(ValueError, match="a training batch holds no object mask"):
+        AitMaskTokenizerTask().loss(model, (torch.zeros(1, 3, 32, 32), [empty]))
+
+
+def test_mask_nano_recipe_loads():
+    cfg = load_config(CONFIGS / "ait_tokenizer_mask_nano.yaml")
+    assert isinstance(cfg.task, AitMaskTokenizerConfig) and cfg.data.name == "procedural_instances"
+    model = _initial(cfg)[0]
+    assert model.kind == "mask" and model.grid == (4, 4)  # 16 tokens per object, as officially

@@ -70,8 +70,8 @@ class AitInsSegConfig(TaskConfig):
     soft_input: bool = True
     """Autoregressive decoding feeds the softmax mix of the code embeddings at mask positions (official)."""
     mask_images: NonNegativeInt = 6
-    """Validation images drawn in ``insseg_epoch<N>.png`` (rows: ground truth, predictions scored at least
-    ``picture_score``); 0: no pictures."""
+    """Validation images drawn in ``insseg_epoch<N>.png`` (rows: image, ground-truth masks, predicted masks scored
+    at least ``picture_score``, each object in its own colour on the greyed image); 0: no pictures."""
     picture_score: Annotated[float, Range(ge=0, le=1)] = 0.5
 
 
@@ -229,14 +229,15 @@ class AitInsSegTask(Task):
         self.sequences_built = int(state["sequences_built"])
 
     def on_epoch_end(self, model: nn.Module, epoch: int, run_dir: Path, metrics: Mapping[str, float]) -> None:
-        """``insseg_epoch<N>.png`` after every evaluation: ground-truth masks above, predicted ones below."""
+        """``insseg_epoch<N>.png`` after every evaluation: rows image, ground-truth masks, predicted masks."""
         if not metrics or not self._shown:
             return
-        rows = [[], []]
+        rows = [[], [], []]
         for image, truth, found in self._shown:
             picture = self._picture(image)
-            rows[0].append(overlay(picture, truth["masks"]))
-            rows[1].append(overlay(picture, found["masks"][found["scores"] >= self.config.picture_score]))
+            rows[0].append(picture)
+            rows[1].append(overlay(picture, truth["masks"]))
+            rows[2].append(overlay(picture, found["masks"][found["scores"] >= self.config.picture_score]))
         save_picture_grid([torch.stack(row) for row in rows], run_dir / f"insseg_epoch{epoch}.png")
 
     def _picture(self, image: torch.Tensor) -> torch.Tensor:
@@ -263,11 +264,11 @@ PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.7, 0.2], [0.2, 0.4, 0.9], [0.9,
 
 
 def overlay(picture: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``picture`` (3, H, W) in [0, 1] with each mask (n, H, W) blended in its own colour (half opacity)."""
-    out = picture.clone()
+    """``picture`` (3, H, W) in [0, 1] greyed, with each mask (n, H, W) painted over in its own colour."""
+    out = picture.mean(0, keepdim=True).expand(3, -1, -1) * 0.6
     for k, mask in enumerate(masks.bool()):
         colour = PALETTE[k % len(PALETTE)].view(3, 1, 1)
-        out = torch.where(mask, 0.5 * out + 0.5 * colour, out)
+        out = torch.where(mask, 0.3 * out + 0.7 * colour, out)
     return out
 
 
