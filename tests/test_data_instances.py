@@ -339,6 +339,10 @@ def test_errors(tmp_path):
     _rewrite(path, data)
     with pytest.raises(FileNotFoundError, match="first image not found"):
         CocoInstances(path, tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="ends inside a run"):
+        rle_counts_from_string("0P")  # 'P' carries the "another character follows" bit
+    with pytest.raises(ValueError, match="character outside"):
+        rle_counts_from_string("0~")
     with pytest.raises(ValueError, match="RLE size"):
         segmentation_to_mask({"size": [2, 2], "counts": [4]}, 3, 3)
     with pytest.raises(ValueError, match=r"data\.root"):

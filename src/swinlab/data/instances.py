@@ -62,32 +62,30 @@ COCO_ANNOTATIONS = ("annotations/instances_train2017.json", "annotations/instanc
 Target = dict[str, Any]
 
 
-def rle_counts_from_string(counts: str) -> list[int]:
-    """The run lengths of a compressed COCO RLE string.
+def rle_counts_from_string(counts: str) -> np.ndarray:
+    """The run lengths (int64) of a compressed COCO RLE string.
 
     Each run is a little-endian group of 6-bit characters (value = ord - 48): 5 payload bits, bit 0x20 "another
     character follows", and in the last character bit 0x10 the sign. From the third run on, a run is stored as its
     difference to the run two places back (the run of the same colour before).
     """
-    runs: list[int] = []
-    p = 0
-    while p < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if p >= len(counts):
-                raise ValueError(f"compressed RLE string ends inside a run: {counts!r}")
-            c = ord(counts[p]) - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"compressed RLE string has a character outside '0'..'o': {counts[p]!r}")
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            p, shift = p + 1, shift + 5
-            if not more and c & 0x10:
-                value -= 1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    return runs
+    c = np.frombuffer(counts.encode("latin-1"), dtype=np.uint8).astype(np.int64) - 48
+    if ((c < 0) | (c > 63)).any():
+        raise ValueError(f"compressed RLE string has a character outside '0'..'o': {counts!r}")
+    if not len(c):
+        return np.zeros(0, dtype=np.int64)
+    last = (c & 0x20) == 0  # the character that ends its run's group
+    if not last[-1]:
+        raise ValueError(f"compressed RLE string ends inside a run: {counts!r}")
+    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+    shift = 5 * (np.arange(len(c)) - np.repeat(starts, np.diff(np.append(starts, len(c)))))
+    values = np.add.reduceat((c & 0x1F) << shift, starts)
+    ends = np.flatnonzero(last)
+    values -= np.where(c[ends] & 0x10, np.int64(1) << (shift[ends] + 5), 0)
+    # undo the differences: runs 1, 3, 5, ... and runs 2, 4, 6, ... are each a running sum of what is stored
+    values[1::2] = np.cumsum(values[1::2])
+    values[2::2] = np.cumsum(values[2::2])
+    return values
 
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
@@ -98,9 +96,9 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     """
     height, width = (int(v) for v in rle["size"])
     counts = rle["counts"]
-    runs = rle_counts_from_string(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    if any(r < 0 for r in runs) or sum(runs) != height * width:
-        raise ValueError(f"RLE runs sum to {sum(runs)} (or hold a negative run) for a {height}x{width} mask")
+    runs = rle_counts_from_string(counts) if isinstance(counts, str) else np.asarray(counts, dtype=np.int64)
+    if (runs < 0).any() or runs.sum() != height * width:
+        raise ValueError(f"RLE runs sum to {runs.sum()} (or hold a negative run) for a {height}x{width} mask")
     values = np.zeros(len(runs), dtype=bool)
     values[1::2] = True
     return np.repeat(values, runs).reshape(width, height).T
@@ -111,25 +109,26 @@ def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: in
     as a bool (height, width) mask: a pixel is in a polygon when its centre is (even-odd rule), so the polygon
     ``[a, b, c, b, c, d, a, d]`` with integer corners covers exactly ``(c - a) * (d - b)`` pixels."""
     mask = np.zeros((height, width), dtype=bool)
-    centres = np.arange(height) + 0.5
     for polygon in polygons:
         xy = np.asarray(polygon, dtype=np.float64)
         if xy.ndim != 1 or len(xy) < 6 or len(xy) % 2:
             raise ValueError(f"a polygon needs at least 3 (x, y) pairs as a flat list, got {len(xy)} numbers")
         x0, y0 = xy[0::2], xy[1::2]
         x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        top, bottom = max(0, int(np.floor(y0.min()))), min(height, int(np.ceil(y0.max())))  # rows it can cover
+        if top >= bottom:
+            continue
+        centres = np.arange(top, bottom) + 0.5
         # crossings of every edge with every row's centre line (half-open in y, so a vertex is counted once)
         crosses = (y0[None] <= centres[:, None]) != (y1[None] <= centres[:, None])
         rows, edges = np.nonzero(crosses)
-        if not len(rows):
-            continue
         t = (centres[rows] - y0[edges]) / (y1[edges] - y0[edges])
         x = x0[edges] + t * (x1[edges] - x0[edges])
         # toggle inside/outside from the first column whose centre lies right of the crossing
         first = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
-        toggles = np.zeros((height, width + 1), dtype=np.int64)
+        toggles = np.zeros((bottom - top, width + 1), dtype=np.int32)
         np.add.at(toggles, (rows, first), 1)
-        mask |= (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
+        mask[top:bottom] |= (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
     return mask
 
 
