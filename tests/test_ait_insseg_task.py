@@ -161,3 +161,15 @@ def test_nano_recipe_loads():
     cfg = load_config(CONFIGS / "ait_insseg_nano.yaml")
     assert cfg.task.name == "ait_insseg" and cfg.task.tokenizer == "runs/ait_tokenizer_mask_nano"
     assert cfg.model.kwargs["max_length"] == cfg.task.num_objects * 21
+
+
+def test_missing_pycocotools_is_named_before_training(tokenizer_run, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "pycocotools" else find_spec(name, *a)
+    )
+    with pytest.raises(ImportError, match=r'pycocotools: pip install "swinlab\[coco\]"'):
+        train(_cfg(tmp_path / "no_coco", str(tokenizer_run)))
+    assert not (tmp_path / "no_coco" / "metrics.csv").exists()

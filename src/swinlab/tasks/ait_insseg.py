@@ -20,6 +20,7 @@ gathers all ranks' predictions, so the AP is the one of the whole validation set
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,8 @@ class AitInsSegTask(Task):
 
     @classmethod
     def from_config(cls, config: AitInsSegConfig, data: DataBundle) -> AitInsSegTask:
+        if importlib.util.find_spec("pycocotools") is None:  # fail before training, not at the first evaluation
+            raise ImportError('task ait_insseg scores COCO AP with pycocotools: pip install "swinlab[coco]"')
         tokenizer, path = load_run_tokenizer(config.tokenizer, CODES, "ait_insseg", "ait_mask_tokenizer")
         return cls(config, tokenizer, path, num_classes=data.num_classes, category_ids=data.category_ids,
                    seed=data.seed, rank=data.rank, mean=data.mean, std=data.std)  # fmt: skip
