@@ -338,7 +338,7 @@ class InstanceTransform:
     ) -> None:
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"instance images are RGB: need 3 means and 3 positive stds, got {mean}, {std}")
-        self.img_size, self.train, self.hflip = img_size, train, hflip and train
+        self.img_size, self.hflip = img_size, hflip and train
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
 
