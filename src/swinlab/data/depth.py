@@ -8,6 +8,11 @@
   turned into depth by ``Z = f · B / (d + doffs)`` with the calibration of the shipped quarter-size images; pixels
   without ground truth are 0. Needs the optional extra ``scikit-image``.
 
+``depth_holes`` (a share of pixels) corrupts the *training* labels of any of them with rectangular sensor holes
+(:func:`punch_holes`, 0 = invalid), the same holes for a sample in every run: clean exact depth with controlled
+corruption, to measure what a method does about missing ground truth (AiT's mask augmentation). Validation labels
+stay clean.
+
 A sample is ``(rgb uint8 (3, H, W), depth float32 (1, H, W) metres)`` from a source, and after
 :class:`DepthTransform` ``(normalised float image, depth)``; depth pixels are resized by nearest neighbour so that an
 invalid 0 never blends into its neighbours.
@@ -35,6 +40,10 @@ PROCEDURAL_SIZES = (512, 64)
 """Scenes of ``procedural_depth`` (train, val) when ``data.train_limit`` / ``data.val_limit`` do not say."""
 PROCEDURAL_STREAMS = (0, 1)
 """Scene streams (``render_scene``'s seed) of the training and validation scenes of ``procedural_depth``."""
+HOLES_STREAM = 2
+"""Seed of the hole pattern stream: like the scenes, the holes are the data's, not the run seed's."""
+HOLE_SIDES = (1 / 16, 1 / 4)
+"""Range of a hole's side as a share of the map's side (a Kinect's holes: thin edges to large dark patches)."""
 MIDDLEBURY_CALIBRATION = {"focal_px": 994.978, "baseline_m": 0.193001, "doffs_px": 31.086}
 """Calibration of scikit-image's quarter-size Motorcycle pair, as its ``stereo_motorcycle`` documents it."""
 NYU_BASE_FOLDERS = {"train": ("", "sync"), "val": ("", "official_splits/test")}
@@ -136,6 +145,45 @@ class ProceduralDepth(Dataset):
         if self._cache is not None:
             self._cache[index] = sample
         return sample
+
+
+def punch_holes(depth: torch.Tensor, fraction: float, seed: int, index: int) -> torch.Tensor:
+    """A copy of ``depth`` (..., H, W) with uniformly placed rectangles zeroed until they cover at least ``fraction``
+    of its pixels (the last one may overshoot by its area; zeros the map already had are not counted); sides are drawn
+    in :data:`HOLE_SIDES`. A pure function of ``(seed, index, fraction)`` and the map's size, so a sample's holes are
+    the same in every run."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"depth hole fraction must be in [0, 1), got {fraction}")
+    out = depth.clone()
+    if fraction == 0.0:
+        return out
+    h, w = depth.shape[-2:]
+    hole = torch.zeros((h, w), dtype=torch.bool)
+    rng = np.random.default_rng([seed % 2**63, index % 2**63])
+    low, high = HOLE_SIDES
+    while hole.float().mean() < fraction:
+        rh, rw = (max(1, round(side * rng.uniform(low, high))) for side in (h, w))
+        top, left = int(rng.integers(0, h - rh + 1)), int(rng.integers(0, w - rw + 1))
+        hole[top : top + rh, left : left + rw] = True
+    out[..., hole] = 0.0
+    return out
+
+
+class DepthHoles(Dataset):
+    """A depth source whose labels get :func:`punch_holes` (sample ``index`` gets the holes of ``index``); images are
+    untouched. A map left without any valid pixel would be an error later, so ``fraction`` stays below 1."""
+
+    def __init__(self, source: Dataset, fraction: float, seed: int = HOLES_STREAM) -> None:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"data.depth_holes must be a share of pixels in [0, 1), got {fraction}")
+        self.source, self.fraction, self.seed = source, fraction, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rgb, depth = self.source[index]
+        return rgb, punch_holes(depth, self.fraction, self.seed, index)
 
 
 def middlebury_motorcycle() -> tuple[np.ndarray, np.ndarray]:
@@ -304,8 +352,13 @@ def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset, int | None]:
 def depth_sets(cfg: DataConfig) -> tuple[DepthSamples, DepthSamples]:
     """Train and val sets of ``cfg.name`` (one of :data:`DEPTH_DATASETS`) with their transforms: training crops of
     ``img_size``, validation frames whole (``procedural_depth``: rendered at ``img_size``; ``nyu_depth``: the
-    frame resized by ``scale_size``; ``middlebury_motorcycle``: ``img_size`` tiles of the frame)."""
+    frame resized by ``scale_size``; ``middlebury_motorcycle``: ``img_size`` tiles of the frame). A config with a
+    ``depth_holes`` share above 0 gets :class:`DepthHoles` training labels (the key is read only when the config has
+    it: :class:`~swinlab.config.DataConfig` does not declare it yet)."""
     train_src, val_src, scale_size = _sources(cfg)
+    holes = getattr(cfg, "depth_holes", 0.0)
+    if holes:
+        train_src = DepthHoles(train_src, holes)
     mean, std = tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD)
 
     def transform(train: bool) -> DepthTransform:
