@@ -1,4 +1,4 @@
-"""AiT's instance segmentation as tokens (§3.3 of the paper; the official insseg head): every object is a short
+"""AiT's instance segmentation as tokens (the sequence format of the official insseg head): every object is a short
 run of tokens in the shared vocabulary — its box as four coordinate bins, its class, then the frozen mask
 tokenizer's codes of its mask cropped to the box — and an image is a fixed number of such runs.
 
