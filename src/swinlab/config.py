@@ -83,7 +83,9 @@ class DataConfig:
     modelling): ``stdlib_docs`` (the Python standard library's docstrings, in every install), ``text`` (a
     ``.txt`` file or a folder of them in ``root``); depth (image + metric depth map): ``nyu_depth`` (BTS/GLPDepth
     file lists ``train_list`` / ``val_list`` under ``root``, 16-bit PNG millimetres), ``procedural_depth``
-    (ray-cast rooms, generated), ``middlebury_motorcycle`` (scikit-image's stereo pair, extra ``depth``)."""
+    (ray-cast rooms, generated), ``middlebury_motorcycle`` (scikit-image's stereo pair, extra ``depth``);
+    instances (image + boxes, classes, masks): ``coco_instances`` (COCO instances JSON ``train_list`` /
+    ``val_list``, images under ``root``), ``procedural_instances`` (the same rooms, classes sphere and box)."""
     root: str | None = None
     """Folder (or file) the dataset is read from; not needed for embedded or generated data."""
     img_size: Count = 32
@@ -115,9 +117,11 @@ class DataConfig:
     # -- video datasets (``video``: annotation lists, ``motion_demo``: generated); img_size is the crop size --
     train_list: str | None = None
     """``video``: the training annotation list or CSV (``path label`` lines), relative to ``root``; ``nyu_depth``:
-    the BTS/GLPDepth file list (``rgb depth focal`` lines)."""
+    the BTS/GLPDepth file list (``rgb depth focal`` lines); ``coco_instances``: the instances JSON (default
+    ``annotations/instances_train2017.json``)."""
     val_list: str | None = None
-    """``video``: the validation annotation list or CSV, relative to ``root``; ``nyu_depth``: the test file list."""
+    """``video``: the validation annotation list or CSV, relative to ``root``; ``nyu_depth``: the test file list;
+    ``coco_instances``: the instances JSON (default ``annotations/instances_val2017.json``)."""
     clip_len: Count = 32
     """Frames per clip (the Video Swin K400 recipe: 32)."""
     frame_interval: Count = 2

@@ -10,6 +10,7 @@ from swinlab.data.cifar import CIFAR
 from swinlab.data.idx import FASHION_MNIST_CLASSES, FashionMNIST, read_idx, write_idx
 from swinlab.data.imagefolder import ImageFolder
 from swinlab.data.images import read_image, read_image_array
+from swinlab.data.instances import CocoInstances, ProceduralInstances, collate_instances
 from swinlab.data.loading import TransformedDataset, collate_skip_none
 from swinlab.data.mixup import Mixup
 from swinlab.data.samplers import SeededDistributedSampler, ShardSampler
@@ -20,15 +21,18 @@ __all__ = [
     "DATASETS",
     "EMBEDDED_DIR",
     "FASHION_MNIST_CLASSES",
+    "CocoInstances",
     "DataBundle",
     "FashionMNIST",
     "ImageFolder",
     "ImageTransform",
     "Mixup",
+    "ProceduralInstances",
     "SeededDistributedSampler",
     "ShardSampler",
     "TransformedDataset",
     "build",
+    "collate_instances",
     "collate_skip_none",
     "read_idx",
     "read_image",
