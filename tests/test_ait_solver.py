@@ -187,12 +187,13 @@ def test_parallel_mode_shapes_and_one_step_reduces_loss():
     assert code_logits.shape == (2, TOKENS, 16) and codes.shape == (2, TOKENS)
 
 
-def test_soft_decode_with_large_tau_equals_hard_decode():
+def test_soft_decode_with_tau_to_zero_equals_hard_decode():
     tokenizer = freeze_tokenizer(tiny_tokenizer())
     solver = varied(tiny_solver())
     logits, codes = solver.generate(torch.randn(2, 3, 32, 32), "depth", TOKENS)
     hard = tokenizer.decode_ids(codes)
-    torch.testing.assert_close(tokenizer.decode_soft(logits, tau=1e4), hard, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokenizer.decode_soft(logits, tau=1e-4), hard, rtol=0, atol=1e-5)
+    assert torch.equal(tokenizer.decode_soft(logits, tau=0.0), hard)
     assert not torch.allclose(tokenizer.decode_soft(logits, tau=1.0), hard, atol=1e-3)
 
 

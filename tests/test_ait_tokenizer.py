@@ -126,7 +126,7 @@ def test_task_head_config_builds_the_same_tokenizer(depth_case, tmp_path):
     path = tmp_path / "vqvae_depth.pt"
     torch.save({"weights": {f"module.{k}": v for k, v in depth_case["state_dict"].items()}}, path)
     head = SoftVQVAE.from_official_head({**depth_case["head_config"], "pretrained": str(path)})
-    assert head.kind == "depth" and head.tau == 0.8 and not head.training
+    assert head.kind == "depth" and head.tau == 1 / 0.8 and not head.training  # official multiplier 0.8
     assert not any(p.requires_grad for p in head.parameters())
     assert official_geometry(head.state_dict()) == official_geometry(depth_case["state_dict"])
     assert torch.equal(head.encode(depth_case["input"][:, 0]).flatten(1), depth_case["head_tokens"])
@@ -158,17 +158,25 @@ def _depth(b=2, h=32, w=32) -> torch.Tensor:
     return 0.5 + 9 * torch.rand(b, 1, h, w)
 
 
-def test_soft_decode_sharp_limit_is_the_hard_decode():
-    """τ multiplies the logits (official), so the hard decode is the τ → ∞ limit; at τ = 0 the mixture is uniform."""
+def test_soft_decode_cold_limit_is_the_hard_decode():
+    """τ is a temperature: τ → 0 tends to the hard decode and τ = 0 is it; a hot τ mixes every code evenly."""
     vae = _small(codebook_init="official")
     logits = 3 * torch.randn(2, 16, 16)
     with torch.no_grad():
         hard = vae.decode_ids(logits.argmax(-1))
         # equal up to the decoder's rounding of a channels-last vs a contiguous latent map (as the official paths)
-        torch.testing.assert_close(vae.decode_soft(logits, tau=1e4), hard, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vae.decode_soft(logits, tau=1e-4), hard, rtol=1e-5, atol=1e-6)
+        assert torch.equal(vae.decode_soft(logits, tau=0.0), hard)
         assert not torch.allclose(vae.decode_soft(logits, tau=1.0), hard, atol=1e-3)
         mean = vae._vq_vae.codebook.mean(0).view(1, -1, 1, 1).expand(2, -1, 4, 4)
-        torch.testing.assert_close(vae.decode_soft(logits, tau=0.0), vae.decode_latents(mean))
+        torch.testing.assert_close(vae.decode_soft(logits, tau=1e9), vae.decode_latents(mean))
+        # the official depth heads' multiplier 0.8 is the temperature 1.25
+        official = vae.decode_latents(
+            vae._vq_vae.embed_soft(torch.softmax(logits.transpose(1, 2).view(2, 16, 4, 4) * 0.8, 1))
+        )
+        torch.testing.assert_close(vae.decode_soft(logits, tau=1.25), official, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature tau must be >= 0"):
+        vae.decode_soft(logits, tau=-1.0)
 
 
 def test_soft_decode_is_differentiable_in_logits():
