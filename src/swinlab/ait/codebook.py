@@ -10,6 +10,11 @@ Beyond the official code, for codebook health: per-batch usage, a data-driven in
 independent N(0,1) draws of codebook and EMA sums make every code unused in the first step jump to ~1e5 and stay
 unreachable), and reseeding of codes whose EMA cluster size fell below a threshold from the batch's encoder
 outputs.
+
+Under ``torch.distributed`` (DDP) the EMA learns from the whole global batch: each step's per-code counts and sums
+are all-reduced over the ranks before the update, and the codes a rank samples (data initialisation, reseeding)
+are rank 0's, so every rank holds the same codebook without a buffer broadcast. (The official script turns DDP's
+buffer broadcast off and lets each GPU's codebook drift on its own shard.)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,6 +33,26 @@ CODEBOOK_INITS = ("official", "data")
 def _full_precision(z: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast off on ``z``'s device (the meta device, where ``swinlab info`` measures, has no autocast)."""
     return contextlib.nullcontext() if z.device.type == "meta" else torch.autocast(z.device.type, enabled=False)
+
+
+def _world() -> int:
+    """Ranks the codebook statistics are shared over (1 outside an initialised process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _summed_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every rank (``t`` itself on one process)."""
+    if _world() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def _rank0s(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (``t`` itself on one process)."""
+    if _world() > 1:
+        dist.broadcast(t, src=0)
+    return t
 
 
 @dataclass
@@ -164,11 +190,11 @@ class EMACodebook(_Quantizer):
         return self.commitment * F.mse_loss(codes.detach(), flat)
 
     def _sample(self, flat: torch.Tensor, n: int) -> torch.Tensor:
-        """``n`` rows of ``flat``: distinct when there are enough (global torch RNG)."""
+        """``n`` rows of ``flat``, distinct when there are enough (global torch RNG); rank 0's under DDP."""
         rows = torch.randperm(len(flat), device=flat.device)[:n] if n <= len(flat) else None
         if rows is None:
             rows = torch.randint(len(flat), (n,), device=flat.device)
-        return flat[rows]
+        return _rank0s(flat[rows].contiguous())
 
     @torch.no_grad()
     def _before_search(self, flat: torch.Tensor) -> None:
@@ -180,10 +206,11 @@ class EMACodebook(_Quantizer):
     @torch.no_grad()
     def _learn(self, flat: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> int:
         g, eps, k = self.decay, self.epsilon, self.num_codes
+        counts = _summed_over_ranks(counts)
         size = self._ema_cluster_size * g + (1 - g) * counts
         n = size.sum()
         size = (size + eps) / (n + k * eps) * n  # Laplace smoothing: no code's size reaches 0
-        sums = torch.zeros_like(self._ema_w).index_add_(0, ids, flat)
+        sums = _summed_over_ranks(torch.zeros_like(self._ema_w).index_add_(0, ids, flat))
         ema_w = self._ema_w * g + (1 - g) * sums
         self._ema_cluster_size.copy_(size)
         self._ema_w.copy_(ema_w)
