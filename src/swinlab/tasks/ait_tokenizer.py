@@ -17,13 +17,12 @@ Evaluation follows the official tokenizer validation: each unmasked validation m
 (the official validation leaves it unclipped, so one non-positive pixel makes its log metrics NaN). Codebook health
 over the whole validation set: ``val_usage`` (share of codes used) and ``val_perplexity``.
 
-DDP and the EMA codebook (its statistics are buffers, updated inside the forward): the engine's DDP broadcasts
-rank 0's buffers at every forward, so every rank quantises with rank 0's codebook and the codebook is the moving
-average of rank 0's share of each batch; the other ranks' local updates are overwritten at their next forward.
-The encoder and decoder gradients are averaged over all ranks as usual. So that evaluation and the checkpoint see
-one codebook, :meth:`AitTokenizerTask.evaluate` first broadcasts rank 0's codebook to every rank. (The official
-script turns the broadcast off, so each GPU there keeps its own drifting codebook and only rank 0's is validated
-and saved; all-reducing the EMA statistics instead would need a hook inside the codebook's update.)
+DDP and the EMA codebook (its statistics are buffers, updated inside the forward): the codebook all-reduces each
+step's code counts and sums over the ranks (:mod:`swinlab.ait.codebook`), so it is the moving average of the whole
+global batch and the same on every rank; the encoder and decoder gradients are averaged as usual. Evaluation first
+broadcasts rank 0's buffers anyway (a guard that costs one broadcast), so the validated and the saved codebook are
+certainly one. (The official script turns DDP's buffer broadcast off, so each GPU there keeps its own drifting
+codebook and only rank 0's is validated and saved.)
 """
 
 from __future__ import annotations
