@@ -135,3 +135,47 @@ def test_backend_policy_follows_the_measurements_per_cpu_vendor():
     assert linear_module.onednn_policy("0", "AuthenticAMD", "AVX512") == (False, False)
     assert linear_module.cpu_vendor()  # read from this machine
     assert linear_module.cpu_family() >= 0
+
+
+def _node(out: torch.Tensor) -> str:
+    """Name of the autograd node under the output's reshape."""
+    return type(out.grad_fn.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize(("approximate", "bias"), [("none", True), ("tanh", True), ("none", False)])
+def test_mlp_node_equals_the_plain_layers_bit_for_bit(monkeypatch, onednn, approximate, bias):
+    """The MLP's own backward (GELU's derivative in place on the hidden gradient) changes no bit of any result."""
+    from swinlab.layers import mlp as mlp_module
+
+    monkeypatch.setattr(linear_module, "ONEDNN_LINEAR", onednn and linear_module.ONEDNN_AVAILABLE)
+    torch.manual_seed(0)
+    mlp = mlp_module.Mlp(24, 96)
+    mlp.act.approximate = approximate
+    if not bias:
+        mlp.fc1.bias = None
+    x = torch.randn(2, 5, 7, 24, requires_grad=True)
+    out = mlp(x)
+    assert _node(out) == "_GeluMlpBackward"  # the fused node was taken
+    g = torch.randn_like(out)
+    out.backward(g)
+    fused = [x.grad.clone(), *(p.grad.clone() for p in mlp.parameters())]
+    x.grad = None
+    mlp.zero_grad()
+    plain = mlp.fc2(F.gelu(mlp.fc1(x), approximate=approximate))
+    plain.backward(g)
+    assert torch.equal(out, plain)
+    for a, b in zip(fused, [x.grad, *(p.grad for p in mlp.parameters())], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mlp_keeps_the_plain_layers_for_dropout_and_autocast():
+    from swinlab.layers.mlp import Mlp
+
+    mlp = Mlp(8, 16, drop=0.5).train()
+    x = torch.randn(3, 8, requires_grad=True)
+    assert _node(mlp(x)) != "_GeluMlpBackward"
+    mlp.eval()  # dropout off: the fused node
+    assert _node(mlp(x)) == "_GeluMlpBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mlp.train()(x).dtype == torch.bfloat16

@@ -97,6 +97,27 @@ def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _onednn(a, b, None)
 
 
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """``x W^T + b`` for 2D ``x``, through oneDNN or ``F.linear``."""
+    return _onednn(x, weight, bias) if onednn else F.linear(x, weight, bias)
+
+
+def linear_grads(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    needs: tuple[bool, bool, bool],
+    onednn: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW, db) = (dy W, dy^T x, sum dy)`` of a 2D linear, each only where ``needs`` says; on the oneDNN
+    path the weight gradient stays on MKL unless :data:`ONEDNN_WEIGHT_GRAD`."""
+    dx = (_onednn(dy, weight.t(), None) if onednn else dy.mm(weight)) if needs[0] else None
+    dw = None
+    if needs[1]:
+        dw = _matmul_nt(dy.t(), x.t()) if onednn and ONEDNN_WEIGHT_GRAD else dy.t().mm(x)
+    return dx, dw, dy.sum(0) if needs[2] else None
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """``y = x W^T + b`` on 2D ``x``; backward ``dx = dy W``, ``dW = dy^T x``, ``db = sum dy``; the GEMMs through
     oneDNN (``dW`` on MKL unless :data:`ONEDNN_WEIGHT_GRAD`)."""
@@ -111,12 +132,8 @@ class _OneDNNLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
-        dx = _onednn(dy, weight.t(), None) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = _matmul_nt(dy.t(), x.t()) if ONEDNN_WEIGHT_GRAD else dy.t().mm(x)
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        needs = ctx.needs_input_grad
+        return linear_grads(dy, x, weight, (needs[0], needs[1], ctx.has_bias and needs[2]), onednn=True)
 
 
 def _takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
