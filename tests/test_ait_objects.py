@@ -203,3 +203,14 @@ def test_restricted_generation_gives_well_formed_objects():
     assert all(((p["boxes"] >= 0) & (p["boxes"] <= 32)).all() for p in predictions)
     with pytest.raises(ValueError, match=r"allowed must be a \(P, "):
         solver.generate_tokens(images, "mask", 4, allowed.float())
+
+
+def test_area_order_writes_the_largest_box_first():
+    coder = _coder(order="area")
+    for seed in range(3):
+        seq = coder.encode(_targets(), H, W, torch.Generator().manual_seed(seed))
+        boxes = coder.dequantize(seq.targets.view(2, NUM_OBJECTS, 21)[0, :3, :4], H, W)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        assert area.tolist() == sorted(area.tolist(), reverse=True) and seq.real[0, :3].all()
+    with pytest.raises(ValueError, match=r"object order must be one of \('random', 'area'\), got 'size'"):
+        _coder(order="size")

@@ -2,12 +2,12 @@
 run of tokens in the shared vocabulary — its box as four coordinate bins, its class, then the frozen mask
 tokenizer's codes of its mask cropped to the box — and an image is a fixed number of such runs.
 
-Building a training sequence (:meth:`ObjectCoder.encode`): the objects are shuffled (a fresh order every call),
-then padded to ``num_objects`` with *noise objects* (Pix2Seq's sequence augmentation): random boxes, or jittered
-duplicates of real boxes. The targets supervise the real objects fully; for a noise object only its class, as
-the noise label (its box and mask targets are ignored). Every input class token is corrupted — a random class or
-the noise label, even odds — while the target keeps the true class, so the solver cannot copy classes forward.
-Tokens are weighted box 1, class 1, mask 0.2 (official).
+Building a training sequence (:meth:`ObjectCoder.encode`): the objects are shuffled (a fresh order every call;
+optionally sorted by box area instead, see :data:`ORDERS`), then padded to ``num_objects`` with *noise objects*
+(Pix2Seq's sequence augmentation): random boxes, or jittered duplicates of real boxes. The targets supervise the
+real objects fully; for a noise object only its class, as the noise label (its box and mask targets are ignored).
+Every input class token is corrupted — a random class or the noise label, even odds — while the target keeps the
+true class, so the solver cannot copy classes forward. Tokens are weighted box 1, class 1, mask 0.2 (official).
 
 Box coordinates are normalised per axis: ``x / W`` and ``y / H`` of the image the solver sees, times ``num_bins``,
 rounded and clamped to ``[0, num_bins]`` (the official code divides by the padded 640 px side, the same for a
@@ -33,6 +33,10 @@ IGNORE_INDEX = -100
 TASK = "mask"
 BOX_TOKENS = 4
 CLASS_POSITION = 4
+ORDERS = ("random", "area")
+"""How real objects are ordered in a sequence: ``random`` (official: a fresh permutation every time) or ``area``
+(largest box first, ties by the random draw; not official: a fixed rule spares a small model the choice of which
+object to write first)."""
 
 
 def _sample_grid(boxes: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:
@@ -106,6 +110,7 @@ class ObjectCoder:
         weights: tuple[float, float, float] = (1.0, 1.0, 0.2),
         duplicate_ratio: float = 0.5,
         jitter: float = 0.1,
+        order: str = "random",
     ) -> None:
         if tokenizer.kind != TASK:
             raise TypeError(f"instance segmentation needs a mask tokenizer, got a {tokenizer.kind} tokenizer")
@@ -115,6 +120,8 @@ class ObjectCoder:
             )
         if num_objects < 1:
             raise ValueError(f"num_objects must be >= 1, got {num_objects}")
+        if order not in ORDERS:
+            raise ValueError(f"object order must be one of {ORDERS}, got {order!r}")
         self.vocabulary, self.tokenizer, self.num_objects = vocabulary, tokenizer, num_objects
         self.bins, self.classes = vocabulary.span("bins"), vocabulary.span("classes")
         self.noise, self.codes = vocabulary.span("noise")[0], vocabulary.task_span(TASK)
@@ -124,7 +131,7 @@ class ObjectCoder:
         self.mask_tokens = tokenizer.grid[0] * tokenizer.grid[1]
         self.per_object = BOX_TOKENS + 1 + self.mask_tokens
         self.length = num_objects * self.per_object
-        self.duplicate_ratio, self.jitter = duplicate_ratio, jitter
+        self.duplicate_ratio, self.jitter, self.order = duplicate_ratio, jitter, order
         self.token_weights = torch.tensor([weights[0]] * BOX_TOKENS + [weights[1]] + [weights[2]] * self.mask_tokens)
 
     # ------------------------------------------------------------------------------------------- layout
@@ -197,10 +204,10 @@ class ObjectCoder:
         self, targets: Sequence[Mapping[str, torch.Tensor]], height: int, width: int, generator: torch.Generator
     ) -> ObjectSequences:
         """Training sequences of per-image targets (``boxes`` (n, 4) xyxy pixels, ``labels`` (n,) in
-        ``[0, num_classes)``, ``masks`` (n, H, W) bool, of a ``height`` x ``width`` image). Objects beyond
-        ``num_objects`` are dropped (a random subset: the first after the shuffle). Every random draw comes from
-        ``generator`` (CPU), so a seeded generator gives the same sequences. A noise object's input mask tokens
-        encode the mask of the object it duplicates recropped to its box, or an empty mask."""
+        ``[0, num_classes)``, ``masks`` (n, H, W) bool, of a ``height`` x ``width`` image), real objects in
+        ``order``. Objects beyond ``num_objects`` are dropped (a random subset: the first after the shuffle). Every
+        random draw comes from ``generator`` (CPU), so a seeded generator gives the same sequences. A noise object's
+        input mask tokens encode the mask of the object it duplicates recropped to its box, or an empty mask."""
         g, k = generator, self.num_objects
         boxes_all, classes_in, classes_out, crops, real = [], [], [], [], []
         for target in targets:
@@ -210,7 +217,11 @@ class ObjectCoder:
                     f"object labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
                 )
             order = torch.randperm(len(labels), generator=g)[:k]
-            boxes, labels, masks = target["boxes"].cpu().float()[order], labels[order], target["masks"].cpu()[order]
+            boxes = target["boxes"].cpu().float()
+            if self.order == "area":
+                area = (boxes[order, 2] - boxes[order, 0]) * (boxes[order, 3] - boxes[order, 1])
+                order = order[area.argsort(descending=True, stable=True)]
+            boxes, labels, masks = boxes[order], labels[order], target["masks"].cpu()[order]
             n = len(labels)
             noise, source = self._noise_boxes(boxes, k - n, height, width, g)
             empty = masks.new_zeros((1, *masks.shape[1:]))

@@ -67,6 +67,9 @@ class AitInsSegConfig(TaskConfig):
     """Share of noise objects that are jittered duplicates of real boxes (the rest: random boxes)."""
     jitter: Annotated[float, Range(ge=0)] = 0.1
     """Largest shift of a duplicate's sides, as a share of the real box's width / height."""
+    order: str = "random"
+    """Order of the real objects in a sequence: ``random`` (official, a fresh permutation every step) or ``area``
+    (largest box first; not official, easier for a small solver)."""
     top_p: Annotated[float, Range(ge=0, le=1)] = 0.3
     """Nucleus of the sampling at evaluation (official 0.3; 0: greedy)."""
     soft_input: bool = True
@@ -140,7 +143,7 @@ class AitInsSegTask(Task):
         c = self.config
         self.coder = ObjectCoder(
             vocabulary, self.tokenizer, c.num_objects, (c.box_weight, c.class_weight, c.mask_weight),
-            c.duplicate_ratio, c.jitter,
+            c.duplicate_ratio, c.jitter, c.order,
         )  # fmt: skip
         if self.coder.length > model.max_length:
             raise ValueError(
