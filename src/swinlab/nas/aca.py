@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from swinlab.nas.genotypes import AcaGenotype, num_edges
@@ -135,7 +136,8 @@ def measure_importance(
 ) -> EdgeScores:
     """Per-channel importance of every mixed edge of every cell, averaged over the samples of ``loader`` (``(images,
     labels)`` batches; the first ``max_batches`` only, if given), with ``net`` in eval mode (BN running statistics, no
-    state changed)."""
+    state changed). Under ``torch.distributed`` every rank measures its own shard and the average is over the samples
+    of all ranks (a collective: call it on every rank, each with at least one batch)."""
     importance = importance or MagnitudeImportance()
     device = next(net.parameters()).device
     # (cell kind, edge index, the edge's MixedOp) for every edge of every cell
@@ -174,6 +176,12 @@ def measure_importance(
         net.train(was_training)
     if not samples:
         raise ValueError("measuring channel importance needs at least one batch of data")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        keys = range(len(edges))
+        packed = torch.cat([*(sums[k] for k in keys), torch.tensor([samples], dtype=torch.float64, device=device)])
+        dist.all_reduce(packed)
+        sums = dict(zip(keys, packed[:-1].split([len(sums[k]) for k in keys]), strict=True))
+        samples = packed[-1].item()
     scores: EdgeScores = {kind: [[] for _ in range(num_edges(net._steps))] for kind in ("normal", "reduce")}
     for key, (kind, e, _) in enumerate(edges):
         scores[kind][e].append((sums[key] / samples).float())

@@ -26,9 +26,10 @@ The step logs ``skip_share`` (mean softmax weight of ``skip_connect`` over the n
 architecture parameters like α, so the same architect step, checkpoints and history carry them.
 ``task.arch_start_epoch`` holds α still for the first epochs (PC-DARTS's official search: 15).
 
-**ACA** (``task.aca: true``, with the super-net's ``model.kwargs.primitives: aca``, the space without skip): after
-every epoch the task measures the channel importance of every mixed edge on the ``heldout`` loader (the super-net in
-eval mode; on the main rank's shard) and writes the ACA genotype beside the plain one, ``genotype_aca.json`` (+
+**ACA** (``task.aca: true``, with the super-net's ``model.kwargs.primitives: aca``, the space without skip): at
+every evaluation (each epoch with the default ``eval_every: 1``; always after the last) the task measures the channel
+importance of every mixed edge on the ``heldout`` loader (the super-net in eval mode; under DDP over every rank's
+shard, the sums all-reduced) and writes the ACA genotype beside the plain one, ``genotype_aca.json`` (+
 ``genotype_aca_epoch<N>.json``) and ``cells_aca.png``; strategies by name, ``aca_importance`` and
 ``aca_allocation`` (see :mod:`swinlab.nas.aca`, the toolkit's reading of ACA). ``darts_eval`` trains it from its
 JSON file (``model.kwargs.genotype: <run>/genotype_aca.json``).
@@ -157,6 +158,8 @@ class DartsSearchTask(Task):
         """Architecture steps skipped for a non-finite α gradient (task state)."""
         self._architect: Architect | None = None
         self._pending_optimizer: Mapping[str, Any] | None = None
+        self._aca: AcaGenotype | None = None
+        """The ACA genotype of the last evaluation, until ``on_epoch_end`` writes it."""
 
     @classmethod
     def from_config(cls, config: DartsSearchConfig, data: DataBundle) -> DartsSearchTask:
@@ -239,6 +242,10 @@ class DartsSearchTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
+        """Classification sums on ``loader``; with ACA also the channel importance on the held-out split, here
+        because evaluation runs on every rank (``on_epoch_end`` on the main one only)."""
+        if self.config.aca:
+            self._aca = self._aca_genotype(_plain(model))
         return _classification_sums(lambda out: out, model, loader)
 
     def finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
@@ -276,7 +283,7 @@ class DartsSearchTask(Task):
         if net.edge_weights(False) is not None:  # PC-DARTS: the normalised β as well
             record["edges_normal"] = net.edge_weights(False).detach().tolist()
             record["edges_reduce"] = net.edge_weights(True).detach().tolist()
-        aca = self._aca_genotype(net) if self.config.aca else None
+        aca, self._aca = self._aca, None
         if aca is not None:
             save_genotype(aca, run_dir / f"genotype_aca_epoch{epoch}.json")
             save_genotype(aca, run_dir / "genotype_aca.json")
