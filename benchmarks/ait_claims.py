@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import dataclasses
 import io
 import json
 import platform
@@ -54,7 +53,6 @@ from pathlib import Path
 
 import torch
 
-from swinlab.config import DataConfig, Fraction
 from swinlab.data.depth import HOLES_STREAM, depth_sets, punch_holes
 from swinlab.engine import train
 from swinlab.engine.trainer import evaluate
@@ -95,14 +93,6 @@ MASK_VARIANTS = {"mask0": ["task.mask_ratio=0"], "mask0.5": ["task.mask_ratio=0.
 REPORTED = ("rmse", "abs_rel", "d1")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HoleyData(DataConfig):
-    """The data section with ``depth_holes``, which :class:`~swinlab.config.DataConfig` does not declare yet
-    (:func:`~swinlab.data.depth.depth_sets` reads it when present)."""
-
-    depth_holes: Fraction = 0.0
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "metrics.csv"
     if not path.is_file():
@@ -113,9 +103,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 def run(recipe: Path, overrides: list[str], run_dir: Path, holes: float = 0.0) -> dict:
     """Train (or resume, or just read) one run; its per-epoch history and seconds."""
-    cfg = load_config(recipe, [*overrides, f"output_dir={run_dir}"])
-    if holes:
-        cfg = dataclasses.replace(cfg, data=HoleyData(**vars(cfg.data), depth_holes=holes))
+    cfg = load_config(recipe, [*overrides, f"output_dir={run_dir}", f"data.depth_holes={holes}"])
     history = read_metrics(run_dir)
     seconds = None
     if len(history) < cfg.epochs:

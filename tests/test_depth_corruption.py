@@ -1,12 +1,10 @@
 """Corrupted depth labels (swinlab.data.depth.punch_holes, DepthHoles, a config's ``depth_holes``): the share of
 zeroed pixels, determinism per (seed, index), training labels only, and the range check."""
 
-import dataclasses
-
 import pytest
 import torch
 
-from swinlab.config import DataConfig, Fraction
+from swinlab.config import ConfigError, DataConfig
 from swinlab.data.depth import HOLES_STREAM, DepthHoles, ProceduralDepth, depth_sets, punch_holes
 
 
@@ -32,13 +30,9 @@ def test_hole_share_is_checked(fraction):
 
 
 def test_only_training_labels_get_holes():
-    @dataclasses.dataclass(frozen=True, kw_only=True)
-    class WithHoles(DataConfig):
-        depth_holes: Fraction = 0.0
-
     base = {"name": "procedural_depth", "img_size": 32, "train_limit": 4, "val_limit": 2, "hflip": False}
     clean_train, clean_val = depth_sets(DataConfig(**base))
-    train, val = depth_sets(WithHoles(**base, depth_holes=0.2))
+    train, val = depth_sets(DataConfig(**base, depth_holes=0.2))
     for i in range(4):
         image, depth = train[(i, 0)]
         clean_image, clean = clean_train[(i, 0)]
@@ -46,3 +40,12 @@ def test_only_training_labels_get_holes():
         assert torch.equal(depth, punch_holes(clean, 0.2, HOLES_STREAM, i))
         assert float((depth == 0).float().mean()) >= 0.2
     assert all(torch.equal(val[i][1], clean_val[i][1]) and (val[i][1] > 0).all() for i in range(2))
+
+
+def test_depth_holes_is_a_checked_config_key():
+    from swinlab.recipe import load_config
+
+    cfg = load_config(None, ["data.name=procedural_depth", "data.depth_holes=0.25"])
+    assert cfg.data.depth_holes == 0.25
+    with pytest.raises(ConfigError, match="depth_holes"):
+        load_config(None, ["data.depth_holes=1.0"])

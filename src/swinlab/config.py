@@ -133,6 +133,9 @@ class DataConfig:
     scale_size: Count | None = None
     """Short side before the training crop; ``None``: ``img_size / 0.875`` for video (256 for 224), the frame's own
     size for depth sets."""
+    depth_holes: Fraction = 0.0
+    """Depth sets: share of each *training* label's pixels zeroed by rectangular sensor holes (the same holes for a
+    sample in every run; validation stays clean), to study label corruption and mask augmentation; 0: off."""
     # -- text datasets (``stdlib_docs``, ``text``); val_limit caps the validation windows --
     seq_len: Count = 256
     """Bytes per window; the model is built with ``block_size = seq_len``."""

@@ -352,13 +352,11 @@ def _sources(cfg: DataConfig) -> tuple[Dataset, Dataset, int | None]:
 def depth_sets(cfg: DataConfig) -> tuple[DepthSamples, DepthSamples]:
     """Train and val sets of ``cfg.name`` (one of :data:`DEPTH_DATASETS`) with their transforms: training crops of
     ``img_size``, validation frames whole (``procedural_depth``: rendered at ``img_size``; ``nyu_depth``: the
-    frame resized by ``scale_size``; ``middlebury_motorcycle``: ``img_size`` tiles of the frame). A config with a
-    ``depth_holes`` share above 0 gets :class:`DepthHoles` training labels (the key is read only when the config has
-    it: :class:`~swinlab.config.DataConfig` does not declare it yet)."""
+    frame resized by ``scale_size``; ``middlebury_motorcycle``: ``img_size`` tiles of the frame). With
+    ``depth_holes`` above 0 the training labels are :class:`DepthHoles`."""
     train_src, val_src, scale_size = _sources(cfg)
-    holes = getattr(cfg, "depth_holes", 0.0)
-    if holes:
-        train_src = DepthHoles(train_src, holes)
+    if cfg.depth_holes:
+        train_src = DepthHoles(train_src, cfg.depth_holes)
     mean, std = tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD)
 
     def transform(train: bool) -> DepthTransform:
