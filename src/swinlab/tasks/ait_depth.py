@@ -26,8 +26,7 @@ from torch import nn
 from swinlab.ait import SoftVQVAE, TaskSolver, aux_loss, freeze_tokenizer
 from swinlab.config import NonNegativeInt, Positive, Range, TaskConfig
 from swinlab.metrics.depth import DEPTH_METRICS, depth_metrics
-from swinlab.models.registry import create_model
-from swinlab.tasks.ait_tokenizer import EVAL_CROPS, depth_line, depth_pictures
+from swinlab.tasks.ait_tokenizer import EVAL_CROPS, depth_line, depth_pictures, load_run_tokenizer
 from swinlab.tasks.base import Batch, FrozenModule, Logs, Task, model_device
 from swinlab.tasks.simmim import save_picture_grid
 
@@ -63,26 +62,7 @@ class AitDepthConfig(TaskConfig):
 
 def load_tokenizer(source: str | None) -> tuple[SoftVQVAE, Path]:
     """The depth tokenizer of a ``task: ait_tokenizer`` run folder or checkpoint, frozen; errors name the key."""
-    from swinlab.engine.checkpoint import load_checkpoint  # the engine imports tasks: resolve it at call time
-
-    if not source:
-        raise ValueError("task.tokenizer is required: the run folder (or checkpoint.pt) of a 'task: ait_tokenizer' run")
-    path = Path(source)
-    path = path / "checkpoint.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"task.tokenizer: no tokenizer checkpoint at {path}")
-    ckpt = load_checkpoint(path)
-    config = ckpt.get("config") or {}
-    model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
-    if "name" not in model_cfg or "model" not in ckpt:
-        raise ValueError(f"task.tokenizer: {path} is not a swinlab run checkpoint (no model config and weights)")
-    kwargs = {"image_size": data_cfg["img_size"]} if "img_size" in data_cfg else {}
-    tokenizer = create_model(model_cfg["name"], **{**kwargs, **(model_cfg.get("kwargs") or {})})
-    if not isinstance(tokenizer, SoftVQVAE) or tokenizer.kind != TASK:
-        what = f"a {tokenizer.kind} tokenizer" if isinstance(tokenizer, SoftVQVAE) else type(tokenizer).__name__
-        raise TypeError(f"task.tokenizer: {path} holds {what}; task ait_depth needs a depth tokenizer")
-    tokenizer.load_state_dict(ckpt["model"])
-    return freeze_tokenizer(tokenizer), path
+    return load_run_tokenizer(source, TASK, "ait_depth", "ait_tokenizer")
 
 
 class AitDepthTask(Task):

@@ -113,8 +113,7 @@ class AitInsSegTask(Task):
 
     @classmethod
     def from_config(cls, config: AitInsSegConfig, data: DataBundle) -> AitInsSegTask:
-        if importlib.util.find_spec("pycocotools") is None:  # fail before training, not at the first evaluation
-            raise ImportError('task ait_insseg scores COCO AP with pycocotools: pip install "swinlab[coco]"')
+        require_pycocotools("ait_insseg")
         tokenizer, path = load_run_tokenizer(config.tokenizer, CODES, "ait_insseg", "ait_mask_tokenizer")
         return cls(config, tokenizer, path, num_classes=data.num_classes, category_ids=data.category_ids,
                    seed=data.seed, rank=data.rank, mean=data.mean, std=data.std)  # fmt: skip
@@ -277,6 +276,12 @@ def overlay(picture: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         colour = PALETTE[k % len(PALETTE)].view(3, 1, 1)
         out = torch.where(mask, 0.3 * out + 0.7 * colour, out)
     return out
+
+
+def require_pycocotools(task: str) -> None:
+    """Fail before training, not at the first evaluation, when COCO AP cannot be scored."""
+    if importlib.util.find_spec("pycocotools") is None:
+        raise ImportError(f'task {task} scores COCO AP with pycocotools: pip install "swinlab[coco]"')
 
 
 def _without_crowd(target: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:

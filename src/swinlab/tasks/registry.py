@@ -27,6 +27,7 @@ TASKS: dict[str, str] = {
     "ait_depth": "swinlab.tasks.ait_depth:AitDepthTask",
     "ait_mask_tokenizer": "swinlab.tasks.ait_tokenizer:AitMaskTokenizerTask",
     "ait_insseg": "swinlab.tasks.ait_insseg:AitInsSegTask",
+    "ait_joint": "swinlab.tasks.ait_joint:AitJointTask",
 }
 
 
