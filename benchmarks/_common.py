@@ -271,6 +271,18 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.csv`` as floats (empty cells left out; no file: no rows), for claim scripts
+    that resume or only read runs."""
+    import csv
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
 def run_json(cmd: Sequence[str], threads: int, what: str) -> dict | None:
     """Run a worker command with ``threads`` OpenMP threads and return the last JSON line it prints (``{}`` if
     none); ``None``, with its stderr shown, if it failed."""

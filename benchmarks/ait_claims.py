@@ -42,17 +42,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from _common import measure_steps, read_metrics
 from swinlab.data.depth import HOLES_STREAM, depth_sets, punch_holes
 from swinlab.engine import train
 from swinlab.engine.trainer import evaluate
@@ -91,14 +90,6 @@ DECODES = {
 """Decoding modes every trained solver is scored in (a parallel solver has no next-token input: two modes)."""
 MASK_VARIANTS = {"mask0": ["task.mask_ratio=0"], "mask0.5": ["task.mask_ratio=0.5"]}
 REPORTED = ("rmse", "abs_rel", "d1")
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def run(recipe: Path, overrides: list[str], run_dir: Path, holes: float = 0.0) -> dict:
@@ -176,19 +167,8 @@ def decode_speed(run_dir: Path) -> dict[str, float]:
             task.predict(model, batch)
 
     with torch.inference_mode():
-        seconds = timed(one_pass, SPEED_REPEATS)
+        seconds = measure_steps(one_pass, 1, SPEED_REPEATS)["median_s"]
     return {"images_per_s": len(images) / seconds, "batch": SPEED_BATCH, "images": len(images), "threads": 1}
-
-
-def timed(fn: Callable[[], None], repeats: int) -> float:
-    """Median wall seconds of ``repeats`` calls after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def summarise(values: list[float]) -> dict[str, float]:

@@ -14,11 +14,10 @@ whole prefix, so tokens/s falls with the length.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from _common import measure_steps
 from swinlab import create_model
 
 NANO = {
@@ -34,15 +33,9 @@ NANO = {
 }
 
 
-def timed(fn, repeats: int) -> float:
+def seconds(fn, repeats: int) -> float:
     """Median wall seconds of ``repeats`` calls after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return measure_steps(fn, 1, repeats)["median_s"]
 
 
 def main() -> None:
@@ -65,14 +58,14 @@ def main() -> None:
     with torch.inference_mode():
         for length in lengths:
             tokens = args.batch * length
-            cached = timed(lambda n=length: solver.generate(images, "depth", n, use_cache=True), args.repeats)
+            cached = seconds(lambda n=length: solver.generate(images, "depth", n, use_cache=True), args.repeats)
             row = [f"{tokens / cached:.0f}"]
             if length <= args.uncached_max:
-                plain = timed(lambda n=length: solver.generate(images, "depth", n, use_cache=False), args.repeats)
+                plain = seconds(lambda n=length: solver.generate(images, "depth", n, use_cache=False), args.repeats)
                 row += [f"{tokens / plain:.0f}", f"{plain / cached:.1f}x"]
             else:
                 row += ["not run", "—"]
-            par = timed(lambda n=length: parallel.generate(images, "depth", n), args.repeats)
+            par = seconds(lambda n=length: parallel.generate(images, "depth", n), args.repeats)
             row.append(f"{args.batch / par:.0f}")
             print(f"| {length} | " + " | ".join(row) + " |", flush=True)
 

@@ -45,7 +45,6 @@ Results: benchmarks/RESULTS.md, "DARTS skip collapse at CPU scale (issue 15 §3)
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import statistics
@@ -56,6 +55,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from _common import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 NAS = ROOT / "configs" / "nas"
@@ -111,7 +112,7 @@ def search(out: Path, variant: str, seed: int) -> None:
 def retrain(out: Path, variant: str, seed: int) -> None:
     run_dir = out / variant / f"seed{seed}"
     eval_dir = out / variant / f"seed{seed}_retrain"
-    if (eval_dir / "metrics.csv").is_file() and len(read_csv(eval_dir / "metrics.csv")) >= 3:
+    if (eval_dir / "metrics.csv").is_file() and len(read_metrics(eval_dir)) >= 3:
         return
     if variant == "aca":
         recipe, genotype = NAS / "aca_eval_nano_fashion.yaml", run_dir / "genotype_aca.json"
@@ -121,11 +122,6 @@ def retrain(out: Path, variant: str, seed: int) -> None:
     secs = swinlab(recipe, ["threads=1", f"seed={seed}", f"model.kwargs.genotype={genotype}", f"output_dir={eval_dir}"],
                    eval_dir.with_name(eval_dir.name + ".log"))  # fmt: skip
     print(f"<- retrain {variant} seed {seed}: {secs:.0f} s", flush=True)
-
-
-def read_csv(path: Path) -> list[dict[str, float]]:
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def identity_fraction(genotype: dict | None) -> float | None:
@@ -179,9 +175,8 @@ def collect(out: Path) -> tuple[dict, dict]:
                 "primitives": last["primitives"],
                 "seconds": seconds,
             }
-            metrics = out / variant / f"seed{seed}_retrain" / "metrics.csv"
-            if metrics.is_file():
-                rows = read_csv(metrics)
+            rows = read_metrics(out / variant / f"seed{seed}_retrain")
+            if rows:
                 entry["retrain_history"] = rows
                 if len(rows) >= 3:
                     entry["retrain_top1"] = rows[-1]["val_top1"]

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import json
 import platform
@@ -62,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from _common import read_metrics
 from swinlab.engine import train
 from swinlab.recipe import load_config
 
@@ -87,14 +87,6 @@ def arms(window: int, pretrained: Path | None = None) -> dict[str, list[str]]:
         f"ft_w{window}": [kw, f"model.pretrained={pretrained}"],
         f"scratch_w{window}": [kw, "model.pretrained=null", "optim.layer_decay=1.0"],
     }
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
