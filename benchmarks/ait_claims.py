@@ -28,10 +28,16 @@ run; nothing below was changed after looking at a comparison):
   ``task.mask_ratio`` 0 vs 0.5, mask cells of ``MASK_PATCH`` px (half a token's side, as the official 16-px cells of
   32-px tokens). Scored on clean validation maps (clean in, clean target) and on validation maps given holes of the
   same share from another stream (holey in, clean target: the in-painting the augmentation is for).
+* Mask augmentation downstream (``--parts masksolver``, the paper's claim): the ``soft`` solver recipe above trained on
+  the same ``HOLES``-corrupted training labels (``data.depth_holes`` on the solver run too, so its token targets and
+  its aux SILog target are the holey ground truth; the aux loss skips the 0 pixels) with the mask-augmentation
+  tokenizer of the same seed and variant (``mask/<variant>_seed<s>``, reused when finished, else trained as above),
+  scored on the clean validation maps (last checkpoint, the run's own validation: soft decode, soft input).
 * Speed: images/s of the whole prediction (solver decode + tokenizer decode) on the validation images, 1 thread,
   batches of ``SPEED_BATCH``, median of ``SPEED_REPEATS`` passes after one untimed pass; the machine is shared.
 
     python benchmarks/ait_claims.py --out benchmarks/ait_claims.json [--seeds 0,1,2] [--solver-epochs N]
+    python benchmarks/ait_claims.py --parts masksolver --runs /tmp/ait_claims/main   # the downstream mask claim
 
 Runs go to ``--runs`` (default /tmp/ait_claims); a run whose metrics.csv holds all its epochs is read, not rerun (a
 killed run resumes from its checkpoint), and numbers already in the JSON are kept. Results: benchmarks/RESULTS.md,
@@ -195,7 +201,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--solver-epochs", type=int, default=SOLVER_EPOCHS)
     parser.add_argument("--mask-epochs", type=int, default=MASK_EPOCHS)
-    parser.add_argument("--parts", default="mask,solver", help="which claims to run: mask, solver")
+    parser.add_argument("--parts", default="mask,solver", help="which claims to run: mask, solver, masksolver")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -217,24 +223,18 @@ def main() -> None:
                              "torch": torch.__version__}  # fmt: skip
         args.out.write_text(json.dumps(result, indent=1))
 
-    if "mask" in parts:
-        for seed in seeds:
-            for variant, extra in MASK_VARIANTS.items():
-                key = f"mask/{variant}/seed{seed}"
-                if "reconstruction" in runs.get(key, {}):
-                    continue
-                overrides = [*TOKENIZER, *extra, f"epochs={args.mask_epochs}", f"seed={seed}"]
-                runs[key] = run(TOKENIZER_RECIPE, overrides, args.runs / "mask" / f"{variant}_seed{seed}", HOLES)
-                runs[key]["reconstruction"] = reconstruction(Path(runs[key]["run_dir"]))
-                save()
-        rows = {f"{v} {given}": [runs[f"mask/{v}/seed{s}"]["reconstruction"][given] for s in seeds
-                                 if f"mask/{v}/seed{s}" in runs]
-                for given in ("clean_input", "holey_input") for v in MASK_VARIANTS}  # fmt: skip
-        result["mask_summary"] = table(rows)
-        save()
-        print_table("mask augmentation (tokenizer reconstruction of clean validation maps)", result["mask_summary"])
+    def mask_tokenizer(variant: str, seed: int) -> Path:
+        """The mask-augmentation tokenizer run of a variant and seed (trained, or read, once) and its folder."""
+        key = f"mask/{variant}/seed{seed}"
+        if "reconstruction" not in runs.get(key, {}):
+            overrides = [*TOKENIZER, *MASK_VARIANTS[variant], f"epochs={args.mask_epochs}", f"seed={seed}"]
+            runs[key] = run(TOKENIZER_RECIPE, overrides, args.runs / "mask" / f"{variant}_seed{seed}", HOLES)
+            runs[key]["reconstruction"] = reconstruction(Path(runs[key]["run_dir"]))
+            save()
+        return Path(runs[key]["run_dir"])
 
-    if "solver" in parts:
+    def shared_tokenizer() -> Path:
+        """The shared tokenizer of the solver runs (trained, or read, once) and the baseline it gives."""
         tok_dir = args.runs / "tokenizer"
         if "tokenizer" not in runs:
             runs["tokenizer"] = run(TOKENIZER_RECIPE, [*TOKENIZER, f"epochs={TOKENIZER_EPOCHS}", "seed=0"], tok_dir)
@@ -243,6 +243,21 @@ def main() -> None:
             result["baseline"] = mean_map_baseline(tok_dir)
             save()
         print("baseline:", json.dumps(result["baseline"]), flush=True)
+        return tok_dir
+
+    if "mask" in parts:
+        for seed in seeds:
+            for variant in MASK_VARIANTS:
+                mask_tokenizer(variant, seed)
+        rows = {f"{v} {given}": [runs[f"mask/{v}/seed{s}"]["reconstruction"][given] for s in seeds
+                                 if f"mask/{v}/seed{s}" in runs]
+                for given in ("clean_input", "holey_input") for v in MASK_VARIANTS}  # fmt: skip
+        result["mask_summary"] = table(rows)
+        save()
+        print_table("mask augmentation (tokenizer reconstruction of clean validation maps)", result["mask_summary"])
+
+    if "solver" in parts:
+        tok_dir = shared_tokenizer()
         order = [(v, s) for v in ("soft", "hard") for s in seeds] + [("parallel", s) for s in seeds]
         for variant, seed in order:  # the soft/hard claim first: a cut-short call still has its seeds
             extra = SOLVER_VARIANTS[variant]
@@ -274,6 +289,33 @@ def main() -> None:
         save()
         print_table("solver (validation, last checkpoint)", result["solver_summary"])
         print("images/s (1 thread):", json.dumps(result.get("speed_summary")))
+
+    if "masksolver" in parts:
+        shared_tokenizer()  # the mean-map baseline
+        for seed in seeds:  # seed by seed: a cut-short call still has both variants of its seeds
+            for variant in MASK_VARIANTS:
+                key = f"masksolver/{variant}/seed{seed}"
+                if "scores" in runs.get(key, {}):
+                    continue
+                tokenizer_dir = mask_tokenizer(variant, seed)
+                overrides = [*SOLVER, *SOFT, f"task.tokenizer={tokenizer_dir}", f"epochs={args.solver_epochs}",
+                             f"seed={seed}"]  # fmt: skip
+                entry = run(SOLVER_RECIPE, overrides, args.runs / "masksolver" / f"{variant}_seed{seed}", HOLES)
+                entry["scores"] = scores(entry["history"][-1])
+                runs[key] = entry
+                save()
+        rows = {}
+        for variant in MASK_VARIANTS:
+            done = [s for s in seeds if f"masksolver/{variant}/seed{s}" in runs]
+            rows[f"{variant} solver (holey labels)"] = [runs[f"masksolver/{variant}/seed{s}"]["scores"] for s in done]
+            rows[f"{variant} tokenizer recon (its ceiling)"] = [
+                runs[f"mask/{variant}/seed{s}"]["reconstruction"]["clean_input"] for s in done
+            ]
+        result["masksolver_summary"] = table(rows)
+        save()
+        print_table("mask augmentation downstream (soft solver on holey labels, clean validation maps)",
+                    result["masksolver_summary"])  # fmt: skip
+        print("mean map:", json.dumps(result["baseline"]["mean_map"]))
 
 
 if __name__ == "__main__":
