@@ -68,10 +68,12 @@ class Mlp(nn.Module):
 
 def _fusable(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """Whether :class:`_GeluMlp` computes what the plain layers would: one dtype and device, no autocast (which
-    would cast inside ``F.linear``), not under ``torch.compile`` (which fuses on its own)."""
+    would cast inside ``F.linear``), not under ``torch.compile`` (which fuses on its own), not on the meta device
+    (shapes only, and no autocast state to ask)."""
     return (
         x.dim() >= 2
         and x.numel() > 0
+        and x.device.type != "meta"
         and all(p is None or (p.dtype == x.dtype and p.device == x.device) for p in params)
         and not torch.is_autocast_enabled(x.device.type)
         and not torch.compiler.is_compiling()
