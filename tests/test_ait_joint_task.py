@@ -7,14 +7,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from swinlab.config import ConfigError, DataConfig, ModelConfig, OptimConfig
+from swinlab.config import ConfigError, DataConfig, ModelConfig, OptimConfig, to_dict
 from swinlab.data import build
-from swinlab.engine import build_run_model, build_task, load_checkpoint, run_evaluation, train
+from swinlab.engine import build_run_model, build_task, evaluate, load_checkpoint, run_evaluation, train
 from swinlab.engine import loop as loop_module
 from swinlab.recipe import TrainConfig, from_dict, load_config
 from swinlab.tasks.ait_depth import AitDepthConfig
@@ -82,11 +86,10 @@ def tokenizers(tmp_path_factory) -> tuple[Path, Path]:
     return runs[0], runs[1]
 
 
-def _cfg(out: Path, tokenizers: tuple[Path, Path] | None, solver: dict | None = None, **task) -> TrainConfig:
-    depth, mask = tokenizers or (None, None)
+def _cfg(out: Path, tokenizers: tuple[Path, Path], solver: dict | None = None, **task) -> TrainConfig:
     values = {
-        "depth_tokenizer": depth and str(depth),
-        "mask_tokenizer": mask and str(mask),
+        "depth_tokenizer": str(tokenizers[0]),
+        "mask_tokenizer": str(tokenizers[1]),
         "instances_data": INSTANCES_DATA,
         "depth": AitDepthConfig(depth_images=2),
         "insseg": AitInsSegConfig(num_objects=OBJECTS, mask_images=2),
@@ -236,6 +239,29 @@ def test_trains_both_tasks_and_resumes_after_kill_on_the_same_batches(tokenizers
     assert full["frozen"]["mask_tokenizer"]["source"] == str(tokenizers[1] / "checkpoint.pt")
     assert not any(k.startswith("tokenizer") or "_vq_vae" in k for k in full["model"])
     assert (tmp_path / "full" / "depth_epoch3.png").is_file() and (tmp_path / "full" / "insseg_epoch3.png").is_file()
+
+
+@pytest.mark.slow  # a torchrun launch of two processes
+def test_two_ranks_shard_the_instances_and_score_the_whole_validation_sets(tokenizers, tmp_path):
+    """Under DDP each rank draws its own shard of the instances set (2 of its 5 batches a stream epoch), and the
+    metrics the two ranks report together equal a one-process evaluation of the checkpoint rank 0 saved (greedy
+    decoding: sampled objects would depend on the rank; the teacher-forced losses depend on the batches' make-up)."""
+    insseg = AitInsSegConfig(num_objects=OBJECTS, mask_images=2, top_p=0.0)
+    cfg = _cfg(tmp_path / "ddp_run", tokenizers, insseg=insseg)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(to_dict(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "swinlab",
+           "train", str(recipe)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # one depth batch a step per rank (12 maps each), 3 steps: stream epoch 0 (2 batches) and 1 of epoch 1
+    assert load_checkpoint(tmp_path / "ddp_run" / "checkpoint.pt")["task"]["instances"] == {"epoch": 1, "drawn": 1}
+    with open(tmp_path / "ddp_run" / "metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    alone = evaluate(tmp_path / "ddp_run")
+    for key in ("val_rmse", "val_d1", "val_abs_rel", "val_mask_ap", "val_mask_ap50", "val_box_ap", "val_box_ap50"):
+        assert float(last[key]) == pytest.approx(alone[key], rel=1e-5, abs=1e-9), key
 
 
 def test_wrong_tokenizers_and_data_name_the_key(tokenizers, tmp_path):

@@ -96,7 +96,8 @@ class InstanceStream:
 
     A stream epoch draws its sample order (the sampler's ``set_epoch``) and its augmentation seeds (drawn by the
     sampler from torch's global generator when its first batch is taken) under a seed of (``seed``, stream epoch)
-    only, so the same position gives the same batch in a fresh run and in a resumed one.
+    only, so the same position gives the same batch in a fresh run and in a resumed one. A resumed stream loads and
+    drops the batches its epoch already gave (less than one stream epoch) to get back to its position.
     """
 
     def __init__(self, loader: DataLoader, seed: int) -> None:
@@ -230,10 +231,9 @@ class AitJointTask(Task):
             if "val_loss" in part:
                 part[f"val_{prefix}_loss"] = part.pop("val_loss")
             metrics |= part
-        if "val_depth_loss" in metrics and "val_insseg_loss" in metrics:
-            c = self.config
-            metrics["val_loss"] = c.depth_weight * metrics["val_depth_loss"] + c.insseg_weight * metrics[
-                "val_insseg_loss"]  # fmt: skip
+        depth, insseg = metrics.get("val_depth_loss"), metrics.get("val_insseg_loss")
+        if depth is not None and insseg is not None:
+            metrics["val_loss"] = self.config.depth_weight * depth + self.config.insseg_weight * insseg
         return metrics
 
     # -- what it keeps and leaves behind ---------------------------------------------------------------------
