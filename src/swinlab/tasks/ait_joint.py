@@ -82,13 +82,10 @@ TOKENIZERS = {"depth_tokenizer": ("depth", "ait_tokenizer"), "mask_tokenizer": (
 
 
 def load_tokenizer(source: str | None, key: str) -> tuple[SoftVQVAE, Path]:
-    """The tokenizer ``task.<key>`` names, read by :func:`~swinlab.tasks.ait_tokenizer.load_run_tokenizer`, with its
-    errors naming ``task.<key>`` (the key a joint recipe sets) instead of a single task's ``task.tokenizer``."""
-    try:
-        kind, trainer = TOKENIZERS[key]
-        return load_run_tokenizer(source, kind, "ait_joint", trainer)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        raise type(e)(str(e).replace("task.tokenizer", f"task.{key}", 1)) from None
+    """The tokenizer ``task.<key>`` names (:func:`~swinlab.tasks.ait_tokenizer.load_run_tokenizer`, errors naming
+    that key)."""
+    kind, trainer = TOKENIZERS[key]
+    return load_run_tokenizer(source, kind, "ait_joint", trainer, key=key)
 
 
 class InstanceStream:

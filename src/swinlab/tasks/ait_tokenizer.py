@@ -291,28 +291,31 @@ class AitMaskTokenizerTask(_TokenizerTask):
         return lines
 
 
-def load_run_tokenizer(source: str | None, kind: str, task: str, trainer: str) -> tuple[SoftVQVAE, Path]:
+def load_run_tokenizer(
+    source: str | None, kind: str, task: str, trainer: str, key: str = "tokenizer"
+) -> tuple[SoftVQVAE, Path]:
     """The ``kind`` tokenizer of a run folder (or checkpoint) of ``task: <trainer>``, frozen, for ``task: <task>``;
-    errors name the ``task.tokenizer`` key (a missing file, a checkpoint that is no run, another kind of tokenizer)."""
+    errors name the config key ``task.<key>`` (a missing file, a checkpoint that is no run, another kind of
+    tokenizer)."""
     from swinlab.engine.checkpoint import load_checkpoint  # the engine imports tasks: resolve it at call time
     from swinlab.models.registry import create_model
 
     if not source:
-        raise ValueError(f"task.tokenizer is required: the run folder (or checkpoint.pt) of a 'task: {trainer}' run")
+        raise ValueError(f"task.{key} is required: the run folder (or checkpoint.pt) of a 'task: {trainer}' run")
     path = Path(source)
     path = path / "checkpoint.pt" if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"task.tokenizer: no tokenizer checkpoint at {path}")
+        raise FileNotFoundError(f"task.{key}: no tokenizer checkpoint at {path}")
     ckpt = load_checkpoint(path)
     config = ckpt.get("config") or {}
     model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
     if "name" not in model_cfg or "model" not in ckpt:
-        raise ValueError(f"task.tokenizer: {path} is not a swinlab run checkpoint (no model config and weights)")
+        raise ValueError(f"task.{key}: {path} is not a swinlab run checkpoint (no model config and weights)")
     kwargs = {"image_size": data_cfg["img_size"]} if "img_size" in data_cfg else {}
     tokenizer = create_model(model_cfg["name"], **{**kwargs, **(model_cfg.get("kwargs") or {})})
     if not isinstance(tokenizer, SoftVQVAE) or tokenizer.kind != kind:
         what = f"a {tokenizer.kind} tokenizer" if isinstance(tokenizer, SoftVQVAE) else type(tokenizer).__name__
-        raise TypeError(f"task.tokenizer: {path} holds {what}; task {task} needs a {kind} tokenizer")
+        raise TypeError(f"task.{key}: {path} holds {what}; task {task} needs a {kind} tokenizer")
     tokenizer.load_state_dict(ckpt["model"])
     return tokenizer.eval().requires_grad_(False), path
 
