@@ -61,6 +61,7 @@ def test_golden_depth_eval(depth_case):
         _close(vae.decode_ids(ids), g["hard_decode"], rtol=1e-4, atol=1e-5)
         _close(vae.decode_ids(g["head_tokens"])[:, 0], g["head_hard_decode"], rtol=1e-4, atol=1e-5)
         _close(vae.decode_soft(g["soft_logits"])[:, 0], g["soft_decode"], rtol=1e-4, atol=1e-5)
+        _close(vae.decode_soft(g["soft_logits"], 0.8)[:, 0], g["soft_decode"], rtol=1e-4, atol=1e-5)  # the case's τ
         probs = torch.softmax(0.8 * g["soft_logits"], -1).transpose(1, 2).reshape(2, 128, 8, 8)
         _close(vae._vq_vae.embed_soft(probs), g["soft_embed"], rtol=1e-5, atol=1e-5)
     for key, ref in (("loss", "total"), ("recon_loss", "recon"), ("vq_loss", "vq"), ("perplexity", "perplexity")):
@@ -126,7 +127,7 @@ def test_task_head_config_builds_the_same_tokenizer(depth_case, tmp_path):
     path = tmp_path / "vqvae_depth.pt"
     torch.save({"weights": {f"module.{k}": v for k, v in depth_case["state_dict"].items()}}, path)
     head = SoftVQVAE.from_official_head({**depth_case["head_config"], "pretrained": str(path)})
-    assert head.kind == "depth" and head.tau == 1 / 0.8 and not head.training  # official multiplier 0.8
+    assert head.kind == "depth" and head.tau == 0.8 and not head.training
     assert not any(p.requires_grad for p in head.parameters())
     assert official_geometry(head.state_dict()) == official_geometry(depth_case["state_dict"])
     assert torch.equal(head.encode(depth_case["input"][:, 0]).flatten(1), depth_case["head_tokens"])
@@ -159,23 +160,24 @@ def _depth(b=2, h=32, w=32) -> torch.Tensor:
 
 
 def test_soft_decode_cold_limit_is_the_hard_decode():
-    """τ is a temperature: τ → 0 tends to the hard decode and τ = 0 is it; a hot τ mixes every code evenly."""
+    """τ multiplies the logits (official; the golden case records τ = 0.8 so), an inverse temperature: the hard decode
+    is the limit of temperature 1/τ → 0 and τ = inf is it exactly; τ = 0 mixes every code evenly."""
     vae = _small(codebook_init="official")
     logits = 3 * torch.randn(2, 16, 16)
     with torch.no_grad():
         hard = vae.decode_ids(logits.argmax(-1))
         # equal up to the decoder's rounding of a channels-last vs a contiguous latent map (as the official paths)
-        torch.testing.assert_close(vae.decode_soft(logits, tau=1e-4), hard, rtol=1e-5, atol=1e-6)
-        assert torch.equal(vae.decode_soft(logits, tau=0.0), hard)
+        torch.testing.assert_close(vae.decode_soft(logits, tau=1e4), hard, rtol=1e-5, atol=1e-6)
+        assert torch.equal(vae.decode_soft(logits, tau=math.inf), hard)
         assert not torch.allclose(vae.decode_soft(logits, tau=1.0), hard, atol=1e-3)
         mean = vae._vq_vae.codebook.mean(0).view(1, -1, 1, 1).expand(2, -1, 4, 4)
-        torch.testing.assert_close(vae.decode_soft(logits, tau=1e9), vae.decode_latents(mean))
-        # the official depth heads' multiplier 0.8 is the temperature 1.25
+        torch.testing.assert_close(vae.decode_soft(logits, tau=0.0), vae.decode_latents(mean))
+        # the official depth heads' formula, softmax(0.8 · logits)
         official = vae.decode_latents(
             vae._vq_vae.embed_soft(torch.softmax(logits.transpose(1, 2).view(2, 16, 4, 4) * 0.8, 1))
         )
-        torch.testing.assert_close(vae.decode_soft(logits, tau=1.25), official, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="temperature tau must be >= 0"):
+        torch.testing.assert_close(vae.decode_soft(logits, tau=0.8), official, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"tau \(the logits' multiplier\) must be >= 0"):
         vae.decode_soft(logits, tau=-1.0)
 
 

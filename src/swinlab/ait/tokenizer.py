@@ -29,9 +29,8 @@ from swinlab.models.registry import register_model
 
 KINDS = ("depth", "mask")
 _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    # depth: metres, invalid = 0, not rescaled (the official config); soft-decode temperature 1.25, the official
-    # depth heads' logit multiplier 0.8.
-    "depth": {"use_norm": False, "max_value": 10.0, "loss": "mse_ignore_zero", "tau": 1 / 0.8},
+    # depth: metres, invalid = 0, not rescaled (the official config); τ = 0.8 as the official depth heads.
+    "depth": {"use_norm": False, "max_value": 10.0, "loss": "mse_ignore_zero", "tau": 0.8},
     # instance masks: {0, 1} rescaled to ±1, plain MSE; the official mask heads keep τ = 1.
     "mask": {"use_norm": True, "max_value": 1.0, "loss": "mse", "tau": 1.0},
 }
@@ -207,7 +206,7 @@ class SoftVQVAE(nn.Module):
     multiples of ``downsample`` (a power of two) works. ``width`` is the first conv's width (the official
     ``hidden_dim``); widths double at each of the ``log2(downsample) − 1`` extra stride-2 stages. ``use_norm``
     maps values ``v`` to ``2(v / max_value − 0.5)`` before the encoder and back after the decoder. ``loss`` is the
-    reconstruction loss (:data:`LOSSES`), ``tau`` the default soft-decode temperature. ``codebook_init`` and
+    reconstruction loss (:data:`LOSSES`), ``tau`` the default soft-decode multiplier. ``codebook_init`` and
     ``dead_code_threshold`` select the official N(0, 1) codebook or the data-driven one with dead-code reseeding
     (:class:`~swinlab.ait.codebook.EMACodebook`). Kind-dependent arguments left ``None`` take the kind's official
     values.
@@ -245,7 +244,7 @@ class SoftVQVAE(nn.Module):
         loss = defaults["loss"] if loss is None else loss
         tau = defaults["tau"] if tau is None else tau
         if tau < 0:
-            raise ValueError(f"soft-decode temperature tau must be >= 0, got {tau}")
+            raise ValueError(f"soft-decode tau (the logits' multiplier) must be >= 0, got {tau}")
         if downsample < 2 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
         if image_size < downsample or image_size % downsample:
@@ -333,9 +332,7 @@ class SoftVQVAE(nn.Module):
             "use_norm": cfg["use_norm"],
             "loss_type": "mse" if cfg["use_norm"] else "mse_ignore_zero",
         }
-        if cfg["tau"] <= 0:
-            raise ValueError(f"the official head's tau multiplies the logits and must be > 0, got {cfg['tau']}")
-        vae = cls.from_official(official, **{"tau": 1 / cfg["tau"], **options})  # its multiplier is 1 / temperature
+        vae = cls.from_official(official, **{"tau": cfg["tau"], **options})
         if cfg["pretrained"] is not None:
             from swinlab.models.checkpoints import load_official  # safetensors is imported only when needed
 
@@ -444,21 +441,21 @@ class SoftVQVAE(nn.Module):
 
     def decode_soft(self, logits: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         """Maps ``(B, C, H, W)`` of soft tokens: ``logits`` (B, N, K) over the codes, token n at raster position n;
-        each token's latent is ``Σ_k softmax(logits / tau)_k · code_k`` with the temperature ``tau`` (default the
-        model's): ``tau → 0`` tends to the hard decode of the arg-max ids and ``tau = 0`` is that decode; large
-        ``tau`` tends to the mean code. The official heads multiply the logits instead (depth: by 0.8, i.e.
-        ``tau = 1.25``). Differentiable in ``logits`` for ``tau > 0`` (AiT's auxiliary loss through the frozen
-        decoder)."""
+        each token's latent is ``Σ_k softmax(tau · logits)_k · code_k``: ``tau`` multiplies the logits, as in the
+        official heads (depth 0.8, masks 1; default the model's), so it is an inverse temperature: the hard decode of
+        the arg-max ids is the limit of temperature ``1 / tau → 0`` and ``tau = inf`` is that decode exactly, while
+        ``tau = 0`` mixes every code evenly. Differentiable in ``logits`` for finite ``tau`` (AiT's auxiliary loss
+        through the frozen decoder)."""
         if logits.ndim != 3 or logits.shape[-1] != self.num_codes:
             raise ValueError(f"soft-token logits must be (B, N, {self.num_codes}), got shape {tuple(logits.shape)}")
         tau = self.tau if tau is None else tau
         if tau < 0:
-            raise ValueError(f"soft-decode temperature tau must be >= 0, got {tau}")
-        if tau == 0:
+            raise ValueError(f"soft-decode tau (the logits' multiplier) must be >= 0, got {tau}")
+        if math.isinf(tau):
             return self.decode_ids(logits.argmax(-1))
         b, n, k = logits.shape
         # codes along dim 1 of a (B, K, h, w) map, as the official heads lay the logits out: the same roundings
-        scaled = logits.transpose(1, 2).reshape(b, k, *self.token_grid(n)) / tau
+        scaled = logits.transpose(1, 2).reshape(b, k, *self.token_grid(n)) * tau
         return self.decode_latents(self._vq_vae.embed_soft(torch.softmax(scaled, dim=1)))
 
     def token_grid(self, n: int) -> tuple[int, int]:

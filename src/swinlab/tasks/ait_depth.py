@@ -43,9 +43,9 @@ class AitDepthConfig(TaskConfig):
     """Run folder of a ``task: ait_tokenizer`` run (its ``checkpoint.pt``) or such a checkpoint file. Required."""
     aux_weight: Annotated[float, Range(ge=0)] = 1.0
     """Weight of the SILog loss through the frozen decoder (official ``decoder_loss_weight``; 0: off)."""
-    tau: Positive = 1.25
-    """Temperature of the code logits in the soft decode, for the auxiliary loss and evaluation (softmax of logits /
-    tau; the official depth head multiplies them by 0.8, i.e. 1.25)."""
+    tau: Positive = 0.8
+    """Multiplier of the code logits in the soft decode (an inverse temperature), for the auxiliary loss and
+    evaluation (official 0.8)."""
     soft_decode: bool = True
     """Evaluation turns the code logits into depth by the soft decode (official ``soft_vae``); else the arg-max ids."""
     soft_input: bool = True

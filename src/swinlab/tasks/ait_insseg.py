@@ -61,8 +61,8 @@ class AitInsSegConfig(TaskConfig):
     aux_weight: Annotated[float, Range(ge=0)] = 5.0
     """Weight of dice + MSE through the frozen decoder (official 5.0; 0: off)."""
     tau: Positive = 1.0
-    """Temperature of the soft decode of the mask-code logits, ``softmax(logits / tau)`` (auxiliary loss and
-    evaluation; official 1.0)."""
+    """Multiplier of the mask-code logits in the soft decode, ``softmax(tau · logits)`` (an inverse temperature;
+    auxiliary loss and evaluation; official 1.0)."""
     duplicate_ratio: Annotated[float, Range(ge=0, le=1)] = 0.5
     """Share of noise objects that are jittered duplicates of real boxes (the rest: random boxes)."""
     jitter: Annotated[float, Range(ge=0)] = 0.1
