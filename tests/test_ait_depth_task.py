@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _ait_tiny import DEPTH_TOKENIZER, base, solver_kwargs, train_tokenizer
 from swinlab.config import DataConfig, ModelConfig, OptimConfig
 from swinlab.engine import load_checkpoint, train
 from swinlab.recipe import TrainConfig, load_config
@@ -17,40 +18,19 @@ from swinlab.tasks.ait_depth import AitDepthConfig
 from swinlab.tasks.ait_tokenizer import AitTokenizerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TOKENIZER = {"image_size": 32, "downsample": 8, "num_codes": 16, "code_dim": 16, "width": 16, "num_res_blocks": 1}
-SOLVER = {
-    "backbone": "swinv2_tiny_window8_256",
-    "backbone_kwargs": {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2], "window_size": 4},
-    "codes": {"mask": 8, "depth": 16},
-    "max_length": 16,
-    "dim": 32,
-    "heads": 4,
-    "hidden": 64,
-    "encoder_layers": 1,
-    "decoder_layers": 1,
-    "dropout": 0.0,
-    "drop_path": 0.0,
-}
+TOKENIZER = DEPTH_TOKENIZER
+SOLVER = solver_kwargs(codes={"mask": 8, "depth": 16}, max_length=16)
 DATA = DataConfig(name="procedural_depth", img_size=32, train_limit=64, val_limit=8, batch_size=8)
 
 
 def _base(out: Path) -> dict:
-    return {"data": DATA, "threads": 1, "reuse_cpu_memory": False, "output_dir": str(out)}
+    return base(out, DATA)
 
 
 @pytest.fixture(scope="module")
 def tokenizer_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ait_depth") / "tokenizer"
-    train(
-        TrainConfig(
-            model=ModelConfig(name="ait_depth_vqvae", kwargs=TOKENIZER),
-            task=AitTokenizerConfig(recon_images=0),
-            optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.0),
-            epochs=1,
-            **_base(out),
-        )
-    )
-    return out
+    return train_tokenizer(out, "ait_depth_vqvae", TOKENIZER, AitTokenizerConfig(recon_images=0), DATA, lr=1e-3)
 
 
 def _solver_cfg(out: Path, tokenizer: str | None, **task) -> TrainConfig:

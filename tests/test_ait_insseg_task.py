@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _ait_tiny import MASK_TOKENIZER, base, solver_kwargs, train_tokenizer
 from swinlab.config import DataConfig, ModelConfig, OptimConfig
 from swinlab.data import build
 from swinlab.engine import build_run_model, build_task, load_checkpoint, run_evaluation, train
@@ -22,44 +23,20 @@ from swinlab.tasks.ait_tokenizer import AitMaskTokenizerConfig, AitTokenizerConf
 pytest.importorskip("pycocotools", reason="COCO AP needs pycocotools (pip install 'swinlab[coco]')")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TOKENIZER = {"image_size": 16, "downsample": 4, "num_codes": 16, "code_dim": 16, "width": 8, "num_res_blocks": 1}
+TOKENIZER = MASK_TOKENIZER
 OBJECTS = 4
-SOLVER = {
-    "backbone": "swinv2_tiny_window8_256",
-    "backbone_kwargs": {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2], "window_size": 4},
-    "num_bins": 32,
-    "num_classes": 2,
-    "codes": {"mask": 16},
-    "prompts": ["insseg"],
-    "max_length": OBJECTS * 21,
-    "dim": 32,
-    "heads": 4,
-    "hidden": 64,
-    "encoder_layers": 1,
-    "decoder_layers": 1,
-    "dropout": 0.0,
-    "drop_path": 0.0,
-}
+SOLVER = solver_kwargs(num_bins=32, num_classes=2, codes={"mask": 16}, prompts=["insseg"], max_length=OBJECTS * 21)
 DATA = DataConfig(name="procedural_instances", img_size=32, train_limit=32, val_limit=4, batch_size=8)
 
 
 def _base(out: Path) -> dict:
-    return {"data": DATA, "threads": 1, "reuse_cpu_memory": False, "output_dir": str(out)}
+    return base(out, DATA)
 
 
 @pytest.fixture(scope="module")
 def tokenizer_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ait_insseg") / "tokenizer"
-    train(
-        TrainConfig(
-            model=ModelConfig(name="ait_insseg_vqvae", kwargs=TOKENIZER),
-            task=AitMaskTokenizerConfig(recon_images=0),
-            optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_epochs=0.0),
-            epochs=1,
-            **_base(out),
-        )
-    )
-    return out
+    return train_tokenizer(out, "ait_insseg_vqvae", TOKENIZER, AitMaskTokenizerConfig(recon_images=0), DATA, lr=2e-3)
 
 
 def _cfg(out: Path, tokenizer: str | None, solver: dict | None = None, **task) -> TrainConfig:
@@ -117,18 +94,9 @@ def test_evaluation_is_coco_ap_of_the_greedy_predictions(tokenizer_run, tmp_path
 
 
 def test_wrong_tokenizer_or_solver_names_the_key(tokenizer_run, tmp_path):
-    depth_run = tmp_path / "depth_tokenizer"
-    train(
-        TrainConfig(
-            model=ModelConfig(name="ait_depth_vqvae", kwargs=TOKENIZER),
-            task=AitTokenizerConfig(recon_images=0),
-            optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_epochs=0.0),
-            epochs=1,
-            **{
-                **_base(depth_run),
-                "data": DataConfig(name="procedural_depth", img_size=32, train_limit=8, val_limit=2),
-            },
-        )
+    depth_data = DataConfig(name="procedural_depth", img_size=32, train_limit=8, val_limit=2)
+    depth_run = train_tokenizer(
+        tmp_path / "depth_tokenizer", "ait_depth_vqvae", TOKENIZER, AitTokenizerConfig(recon_images=0), depth_data, 1e-3
     )
     with pytest.raises(TypeError, match=r"task\.tokenizer: .* holds a depth tokenizer; task ait_insseg needs a mask"):
         train(_cfg(tmp_path / "a", str(depth_run)))

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from _ait_tiny import DEPTH_TOKENIZER, MASK_TOKENIZER, base, solver_kwargs, train_tokenizer
 from swinlab.config import ConfigError, DataConfig, ModelConfig, OptimConfig, to_dict
 from swinlab.data import build
 from swinlab.engine import build_run_model, build_task, evaluate, load_checkpoint, run_evaluation, train
@@ -29,31 +30,15 @@ from swinlab.tasks.ait_tokenizer import AitMaskTokenizerConfig, AitTokenizerConf
 pytest.importorskip("pycocotools", reason="COCO AP needs pycocotools (pip install 'swinlab[coco]')")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEPTH_TOKENIZER = {"image_size": 32, "downsample": 8, "num_codes": 16, "code_dim": 16, "width": 16, "num_res_blocks": 1}
-MASK_TOKENIZER = {"image_size": 16, "downsample": 4, "num_codes": 16, "code_dim": 16, "width": 8, "num_res_blocks": 1}
 OBJECTS = 4
-SOLVER = {
-    "backbone": "swinv2_tiny_window8_256",
-    "backbone_kwargs": {
-        "embed_dim": 16,
-        "depths": [1, 1],
-        "num_heads": [2, 2],
-        "window_size": 4,
-        "drop_path_rate": 0.0,
-    },  # no random paths: a step's gradients are reproducible
-    "num_bins": 32,
-    "num_classes": 2,
-    "codes": {"mask": 16, "depth": 16},
-    "prompts": ["depth", "insseg"],
-    "max_length": OBJECTS * 21,
-    "dim": 32,
-    "heads": 4,
-    "hidden": 64,
-    "encoder_layers": 1,
-    "decoder_layers": 1,
-    "dropout": 0.0,
-    "drop_path": 0.0,
-}
+SOLVER = solver_kwargs(
+    {"drop_path_rate": 0.0},  # no random paths: a step's gradients are reproducible
+    num_bins=32,
+    num_classes=2,
+    codes={"mask": 16, "depth": 16},
+    prompts=["depth", "insseg"],
+    max_length=OBJECTS * 21,
+)
 DEPTH_DATA = DataConfig(name="procedural_depth", img_size=32, train_limit=24, val_limit=4, batch_size=8)
 INSTANCES_DATA = DataConfig(name="procedural_instances", img_size=32, train_limit=40, val_limit=4, batch_size=8)
 """3 depth batches per epoch, 5 instances batches per stream epoch: the stream's epochs straddle the run's."""
@@ -61,7 +46,7 @@ TIMED = {"epoch_time", "steps_per_s", "samples_per_s"}
 
 
 def _base(out: Path, data: DataConfig = DEPTH_DATA) -> dict:
-    return {"data": data, "threads": 1, "reuse_cpu_memory": False, "output_dir": str(out)}
+    return base(out, data)
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +57,7 @@ def tokenizers(tmp_path_factory) -> tuple[Path, Path]:
         ("ait_depth_vqvae", DEPTH_TOKENIZER, AitTokenizerConfig(recon_images=0), DEPTH_DATA),
         ("ait_insseg_vqvae", MASK_TOKENIZER, AitMaskTokenizerConfig(recon_images=0), INSTANCES_DATA),
     ):
-        out = root / name
-        train(
-            TrainConfig(
-                model=ModelConfig(name=name, kwargs=kwargs),
-                task=task,
-                optim=OptimConfig(lr=2e-3, weight_decay=0.0, warmup_epochs=0.0),
-                epochs=1,
-                **_base(out, data),
-            )
-        )
-        runs.append(out)
+        runs.append(train_tokenizer(root / name, name, kwargs, task, data, lr=2e-3))
     return runs[0], runs[1]
 
 
