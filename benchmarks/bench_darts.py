@@ -15,6 +15,7 @@ of its per-pair ratios; the reported ratio is the median over rounds.
     python benchmarks/bench_darts.py                        # both orders, 2 threads, 3 rounds of 5 pairs
     python benchmarks/bench_darts.py --order second --rounds 5 --iters 7
     python benchmarks/bench_darts.py --profile              # top ops of one iteration of each
+    python benchmarks/bench_darts.py --accuracy             # second-order α gradients against float64
 """
 
 from __future__ import annotations
@@ -137,6 +138,56 @@ def equality_gate(official: SimpleNamespace, args: argparse.Namespace, unrolled:
     }
 
 
+def alpha_grad(
+    official: SimpleNamespace,
+    args: argparse.Namespace,
+    impl: str,
+    threads: int,
+    unrolled: bool,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The α gradient of one architect step from the shared initial state, flattened, in float64: ``impl``'s code
+    at ``threads``, in ``dtype`` and optionally with the super-net and batches channels-last."""
+    torch.set_num_threads(threads)
+    pair, batches = make_pair(official, args)
+    searcher = pair[impl]
+    model = searcher.model.to(dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    with torch.no_grad():
+        for a in model.arch_parameters():
+            a.data = a.data.to(dtype)
+    for state in searcher.optimizer.state.values():
+        state["momentum_buffer"] = state["momentum_buffer"].to(dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    xt, yt, xv, yv = (t.to(dtype).contiguous(memory_format=layout) if t.is_floating_point() else t for t in batches)
+    if impl == "swinlab":
+        grads = searcher.architect.alpha_grads(xt, yt, xv, yv, SGD_ARGS["lr"], searcher.optimizer, unrolled)
+    else:  # the official step leaves its gradient on α
+        searcher.architect.step(xt, yt, xv, yv, SGD_ARGS["lr"], searcher.optimizer, unrolled)
+        grads = [a.grad for a in model.arch_parameters()]
+    return torch.cat([g.reshape(-1).double() for g in grads])
+
+
+def accuracy(official: SimpleNamespace, args: argparse.Namespace) -> None:
+    """How far each fp32 computation of the second-order α gradient is from the same algorithm in float64: the
+    official code at 1 thread and at ``args.threads`` (its own kernels differ with the thread count), swinlab, and
+    swinlab channels-last (the layout that would make the convolutions faster). Says what "the same numbers" can
+    mean for this finite-difference estimator, and whether a faster layout keeps them."""
+    reference = alpha_grad(official, args, "swinlab", 1, True, torch.float64)
+    print(
+        f"second-order α gradient, {reference.numel()} entries, largest |g| {reference.abs().max():.3g}; "
+        "error against the float64 computation:"
+    )
+    print("| computation (fp32) | threads | max abs error | mean abs error | signs flipped |")
+    print("|---|---|---|---|---|")
+    for impl, channels_last in (("official", False), ("swinlab", False), ("swinlab", True)):
+        for threads in sorted({1, args.threads}):
+            err = alpha_grad(official, args, impl, threads, True, channels_last=channels_last) - reference
+            flips = int((torch.sign(err + reference) != torch.sign(reference)).sum())
+            name = impl + (" channels-last" if channels_last else "")
+            print(f"| {name} | {threads} | {err.abs().max():.2e} | {err.abs().mean():.2e} | {flips} |")
+
+
 def alternate(pair: dict[str, Searcher], batches: tuple, unrolled: bool, warmup: int, iters: int) -> dict:
     """``warmup + iters`` pairs of iterations, the order swapped every pair; the timed ones' seconds and the share
     of the machine other processes used while they ran."""
@@ -180,6 +231,9 @@ def main() -> None:
     parser.add_argument("--img", type=int, default=32)
     parser.add_argument("--official", type=Path, default=OFFICIAL)
     parser.add_argument("--profile", action="store_true", help="print the top ops of one iteration instead of timing")
+    parser.add_argument(
+        "--accuracy", action="store_true", help="second-order α gradients against float64 instead of timing"
+    )
     parser.add_argument("--top", type=int, default=20, help="ops shown by --profile")
     parser.add_argument("--json", type=Path, default=None, help="write the raw times here")
     args = parser.parse_args()
@@ -203,6 +257,9 @@ def main() -> None:
             raise SystemExit(
                 f"equality gate failed at {order} order (α {ALPHA_ATOL}, weights {WEIGHT_ATOL}); no timing"
             )
+    if args.accuracy:
+        accuracy(official, args)
+        return
     if args.profile:
         for unrolled in orders.values():
             profile(*make_pair(official, args), unrolled, args.top)
