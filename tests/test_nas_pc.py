@@ -142,3 +142,20 @@ def test_architecture_state_of_another_search_space_or_variant_is_refused():
     aca_net = darts_search(C=8, num_classes=5, layers=3, primitives="aca")
     with pytest.raises(RuntimeError, match=r"alphas_normal.*torch.Size\(\[14, 8\]\).*torch.Size\(\[14, 7\]\)"):
         aca_net.load_state_dict(darts_search(C=8, num_classes=5, layers=3).state_dict(), strict=False)
+
+
+def test_official_pc_darts_keys_load():
+    """The official PC-DARTS MixedOp holds its operations itself (``cells.0._ops.3._ops.4.op.1.weight``); ours
+    wraps the DARTS MixedOp (``cells.0._ops.3.mixed._ops.4.op.1.weight``): official checkpoints load strictly."""
+    torch.manual_seed(0)
+    source = darts_search(C=8, num_classes=5, layers=3, variant="pc")
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    official = {k.replace(".mixed._ops.", "._ops."): v for k, v in source.state_dict().items()}
+    assert "cells.0._ops.3._ops.4.op.1.weight" in official and not any(".mixed." in k for k in official)
+    target = darts_search(C=8, num_classes=5, layers=3, variant="pc")
+    target.load_state_dict(official, strict=True)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    target.load_state_dict(source.state_dict(), strict=True)  # and its own layout still loads

@@ -39,6 +39,7 @@ class PartialMixedOp(nn.Module):
         self.mixed = mixed
         self.k = k
         self.stride = stride
+        self.register_load_state_dict_pre_hook(_official_keys)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         C = x.shape[1]
@@ -51,6 +52,14 @@ class PartialMixedOp(nn.Module):
         if self.stride > 1:
             rest = F.max_pool2d(rest, 2, 2)
         return channel_shuffle(torch.cat([part, rest], dim=1), self.k)
+
+
+def _official_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Official PC-DARTS state dicts name an edge's operations ``<edge>._ops.<i>...`` (its MixedOp holds them
+    itself); here they sit in the wrapped mixed operation, ``<edge>.mixed._ops.<i>...``: rename, so that official
+    search checkpoints load as they are."""
+    for key in [k for k in state_dict if k.startswith(prefix + "_ops.")]:
+        state_dict[prefix + "mixed." + key[len(prefix) :]] = state_dict.pop(key)
 
 
 MixedOpFactory = Callable[[int, int, Sequence[str]], nn.Module]
