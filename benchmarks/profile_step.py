@@ -178,7 +178,10 @@ def profile_impl(model_name: str, impl: str, args: argparse.Namespace) -> dict:
     """One implementation's training step as the benchmark builds it, warmed up, then :func:`profile_training`."""
     build, criterion = builder(model_name)
     spec = MODELS[model_name]
-    model = build(impl)
+    try:
+        model = build(impl)
+    except ImportError as e:
+        raise SystemExit(f"{impl}: {e.name} is not installed in this interpreter (run it with the peers' venv)") from None
     mark_layers(model)
     x = torch.randn(spec["shape"], generator=torch.Generator().manual_seed(0))
     step = make_step(model, x, "train", impl, "plain", spec["num_classes"], criterion=criterion)
