@@ -181,7 +181,8 @@ def profile_impl(model_name: str, impl: str, args: argparse.Namespace) -> dict:
     try:
         model = build(impl)
     except ImportError as e:
-        raise SystemExit(f"{impl}: {e.name} is not installed in this interpreter (run it with the peers' venv)") from None
+        hint = "run it with the peers' venv"
+        raise SystemExit(f"{impl}: {e.name} is not installed in this interpreter ({hint})") from None
     mark_layers(model)
     x = torch.randn(spec["shape"], generator=torch.Generator().manual_seed(0))
     step = make_step(model, x, "train", impl, "plain", spec["num_classes"], criterion=criterion)
