@@ -43,10 +43,10 @@ from _common import machine_line, make_step, setup_worker
 LAYER = "layer:"
 BACKWARD = "autograd::engine::evaluate_function: "
 OPTIMIZER = "Optimizer.step#"
-MODELS = {
-    "swinv2": {"unit": "img", "shape": (8, 3, 256, 256), "num_classes": 1000},
-    "simmim": {"unit": "img", "shape": (8, 3, 192, 192), "num_classes": 0},
-    "video_swin": {"unit": "clip", "shape": (1, 3, 16, 224, 224), "num_classes": 400},
+MODELS = {  # the benchmarks' input shapes (num_classes 0: SimMIM's loss is its own)
+    "swinv2": {"shape": (8, 3, 256, 256), "num_classes": 1000},
+    "simmim": {"shape": (8, 3, 192, 192), "num_classes": 0},
+    "video_swin": {"shape": (1, 3, 16, 224, 224), "num_classes": 400},
 }
 
 
