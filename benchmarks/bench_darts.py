@@ -6,16 +6,22 @@ statistics and α, get the same SGD (momentum buffers made by one shared warm-up
 the official ``train()`` iteration: ``architect.step`` on the validation batch (first order, or second order through
 one unrolled weight step), then a weight step with gradient clipping at 5.
 
-Equality gate first: one iteration of each from identical states; α, the weights and the BN statistics afterwards
-must agree (α within 1e-6, as ``tests/test_nas_darts.py`` checks) or nothing is timed. Then, in one process, the two
-implementations alternate iteration by iteration (order swapped every pair): this shared machine changes speed from
-one second to the next, so iterations taken side by side are the comparable ones. Each round's ratio is the median
-of its per-pair ratios; the reported ratio is the median over rounds.
+Gate first, or nothing is timed. First order: one iteration of each from identical states; α, the weights and the
+BN statistics afterwards must agree (α within 1e-6, as ``tests/test_nas_darts.py`` checks). Second order: the
+finite-difference Hessian-vector product amplifies fp32 rounding (errors ~5e-4 against the float64 result, whose
+largest entries are ~0.09), and any other summation order, the official code's own at another thread count
+included, gives other numbers of that size. So "the same numbers" is checked against the same algorithm in float64:
+over ``--states`` seeded states, swinlab's mean error may not exceed the larger of the official code's at 1 thread
+and at ``--threads``.
+
+Then, in one process, the two implementations alternate iteration by iteration (order swapped every pair): this
+shared machine changes speed from one second to the next, so iterations taken side by side are the comparable ones.
+Each round's ratio is the median of its per-pair ratios; the reported ratio is the median over rounds.
 
     python benchmarks/bench_darts.py                        # both orders, 2 threads, 3 rounds of 5 pairs
     python benchmarks/bench_darts.py --order second --rounds 5 --iters 7
     python benchmarks/bench_darts.py --profile              # top ops of one iteration of each
-    python benchmarks/bench_darts.py --accuracy             # second-order α gradients against float64
+    python benchmarks/bench_darts.py --accuracy             # only the second-order gate's table
 """
 
 from __future__ import annotations
@@ -45,9 +51,8 @@ ARCH_ARGS = {"arch_learning_rate": 3e-4, "arch_weight_decay": 1e-3}
 GRAD_CLIP = 5.0
 ALPHA_ATOL = 1e-6
 WEIGHT_ATOL = 1e-5
-"""Weights after the whole iteration: the official second-order step perturbs the weights in place and back, which
-leaves 1-ulp round-off on some (``stem.1.weight``: 1.2e-7); the weight step after it turns that into ~1e-6 (1.1e-6
-with swinlab's code unchanged from the official order). After the architect step alone the tests hold them to 1e-6."""
+"""First-order weights after the whole iteration: the 1 x 1 and dilated convolutions sum in another order than
+torch's kernels (``swinlab.nas.operations``), 1-ulp differences that the weight step turns into ~4e-6."""
 IMPLS = ("swinlab", "official")
 
 
@@ -88,9 +93,10 @@ class Searcher:
         self.weight_step(xt, yt)
 
 
-def make_pair(official: SimpleNamespace, args: argparse.Namespace) -> tuple[dict[str, Searcher], tuple]:
-    """The two searchers in identical states (weights, BN statistics, α, momentum buffers), and the batches."""
-    torch.manual_seed(0)
+def make_pair(official: SimpleNamespace, args: argparse.Namespace, seed: int = 0) -> tuple[dict[str, Searcher], tuple]:
+    """The two searchers in identical states (weights, BN statistics, α, momentum buffers), and the batches;
+    ``seed`` picks the state."""
+    torch.manual_seed(seed)
     criterion = nn.CrossEntropyLoss()
     ref = official.model_search.Network(args.C, 10, args.layers, criterion)
     ours = Network(args.C, 10, args.layers, criterion)
@@ -98,7 +104,7 @@ def make_pair(official: SimpleNamespace, args: argparse.Namespace) -> tuple[dict
     with torch.no_grad():
         for a, b in zip(ours.arch_parameters(), ref.arch_parameters(), strict=True):
             a.copy_(b)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed + 1)
     shape = (args.batch, 3, args.img, args.img)
     batches = tuple(
         t
@@ -143,49 +149,55 @@ def alpha_grad(
     args: argparse.Namespace,
     impl: str,
     threads: int,
-    unrolled: bool,
+    seed: int,
     dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
 ) -> torch.Tensor:
-    """The α gradient of one architect step from the shared initial state, flattened, in float64: ``impl``'s code
-    at ``threads``, in ``dtype`` and optionally with the super-net and batches channels-last."""
+    """The second-order α gradient of one architect step from state ``seed``, flattened, in float64: ``impl``'s
+    code at ``threads``, computed in ``dtype``."""
     torch.set_num_threads(threads)
-    pair, batches = make_pair(official, args)
+    pair, batches = make_pair(official, args, seed)
     searcher = pair[impl]
-    model = searcher.model.to(dtype, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model = searcher.model.to(dtype)
     with torch.no_grad():
         for a in model.arch_parameters():
             a.data = a.data.to(dtype)
     for state in searcher.optimizer.state.values():
         state["momentum_buffer"] = state["momentum_buffer"].to(dtype)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    xt, yt, xv, yv = (t.to(dtype).contiguous(memory_format=layout) if t.is_floating_point() else t for t in batches)
+    xt, yt, xv, yv = (t.to(dtype) if t.is_floating_point() else t for t in batches)
     if impl == "swinlab":
-        grads = searcher.architect.alpha_grads(xt, yt, xv, yv, SGD_ARGS["lr"], searcher.optimizer, unrolled)
+        grads = searcher.architect.alpha_grads(xt, yt, xv, yv, SGD_ARGS["lr"], searcher.optimizer, True)
     else:  # the official step leaves its gradient on α
-        searcher.architect.step(xt, yt, xv, yv, SGD_ARGS["lr"], searcher.optimizer, unrolled)
+        searcher.architect.step(xt, yt, xv, yv, SGD_ARGS["lr"], searcher.optimizer, True)
         grads = [a.grad for a in model.arch_parameters()]
     return torch.cat([g.reshape(-1).double() for g in grads])
 
 
-def accuracy(official: SimpleNamespace, args: argparse.Namespace) -> None:
-    """How far each fp32 computation of the second-order α gradient is from the same algorithm in float64: the
-    official code at 1 thread and at ``args.threads`` (its own kernels differ with the thread count), swinlab, and
-    swinlab channels-last (the layout that would make the convolutions faster). Says what "the same numbers" can
-    mean for this finite-difference estimator, and whether a faster layout keeps them."""
-    reference = alpha_grad(official, args, "swinlab", 1, True, torch.float64)
-    print(
-        f"second-order α gradient, {reference.numel()} entries, largest |g| {reference.abs().max():.3g}; "
-        "error against the float64 computation:"
-    )
-    print("| computation (fp32) | threads | max abs error | mean abs error | signs flipped |")
-    print("|---|---|---|---|---|")
-    for impl, channels_last in (("official", False), ("swinlab", False), ("swinlab", True)):
-        for threads in sorted({1, args.threads}):
-            err = alpha_grad(official, args, impl, threads, True, channels_last=channels_last) - reference
+def second_order_accuracy(official: SimpleNamespace, args: argparse.Namespace) -> dict[tuple[str, int], float]:
+    """How far each fp32 computation of the second-order α gradient is from the same algorithm in float64 (swinlab's
+    code, which is the official algorithm), over ``args.states`` seeded states, for both implementations at 1 thread
+    and at ``args.threads`` (torch picks other convolution kernels by thread count, so the official code's own
+    numbers move with it). Prints the table; returns each computation's mean absolute error."""
+    threads = sorted({1, args.threads})
+    errors: dict[tuple[str, int], list[tuple[float, float, int]]] = {(i, t): [] for i in IMPLS for t in threads}
+    largest = 0.0
+    for seed in range(args.states):
+        reference = alpha_grad(official, args, "swinlab", 1, seed, torch.float64)
+        largest = max(largest, reference.abs().max().item())
+        for impl, t in errors:
+            err = alpha_grad(official, args, impl, t, seed) - reference
             flips = int((torch.sign(err + reference) != torch.sign(reference)).sum())
-            name = impl + (" channels-last" if channels_last else "")
-            print(f"| {name} | {threads} | {err.abs().max():.2e} | {err.abs().mean():.2e} | {flips} |")
+            errors[impl, t].append((err.abs().mean().item(), err.abs().max().item(), flips))
+    torch.set_num_threads(args.threads)
+    print(f"second-order α gradient against the float64 computation, {args.states} states x {reference.numel()} "
+          f"entries (largest |g| {largest:.3g}):")  # fmt: skip
+    print(
+        "| computation (fp32) | threads | mean abs error (mean over states) | max abs error (largest) | signs flipped |"
+    )
+    print("|---|---|---|---|---|")
+    for (impl, t), rows in errors.items():
+        mean, worst, flips = statistics.mean(r[0] for r in rows), max(r[1] for r in rows), sum(r[2] for r in rows)
+        print(f"| {impl} | {t} | {mean:.2e} | {worst:.2e} | {flips} |")
+    return {key: statistics.mean(r[0] for r in rows) for key, rows in errors.items()}
 
 
 def alternate(pair: dict[str, Searcher], batches: tuple, unrolled: bool, warmup: int, iters: int) -> dict:
@@ -232,8 +244,9 @@ def main() -> None:
     parser.add_argument("--official", type=Path, default=OFFICIAL)
     parser.add_argument("--profile", action="store_true", help="print the top ops of one iteration instead of timing")
     parser.add_argument(
-        "--accuracy", action="store_true", help="second-order α gradients against float64 instead of timing"
+        "--accuracy", action="store_true", help="only the second-order gate's table (α gradients against float64)"
     )
+    parser.add_argument("--states", type=int, default=6, help="seeded states the second-order gate averages over")
     parser.add_argument("--top", type=int, default=20, help="ops shown by --profile")
     parser.add_argument("--json", type=Path, default=None, help="write the raw times here")
     args = parser.parse_args()
@@ -248,18 +261,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads; super-net C={args.C}, {args.layers} cells, batch "
           f"{args.batch}, {args.img}x{args.img}, fp32")  # fmt: skip
 
-    for order, unrolled in orders.items():
-        gate = equality_gate(official, args, unrolled)
-        print(
-            f"equality gate, {order} order, after one iteration: " + ", ".join(f"{k} {v:.1e}" for k, v in gate.items())
-        )
-        if gate["alpha"] > ALPHA_ATOL or gate["weights"] > WEIGHT_ATOL:
-            raise SystemExit(
-                f"equality gate failed at {order} order (α {ALPHA_ATOL}, weights {WEIGHT_ATOL}); no timing"
-            )
     if args.accuracy:
-        accuracy(official, args)
+        second_order_accuracy(official, args)
         return
+    for unrolled in orders.values():
+        if unrolled:
+            errors = second_order_accuracy(official, args)
+            bound = max(e for (impl, _), e in errors.items() if impl == "official")
+            if max(e for (impl, _), e in errors.items() if impl == "swinlab") > bound:
+                raise SystemExit("second-order gate failed: swinlab's α gradient is further from float64 than the "
+                                 "official code's; no timing")  # fmt: skip
+            continue
+        gate = equality_gate(official, args, unrolled)
+        print("first-order gate, after one iteration: " + ", ".join(f"{k} {v:.1e}" for k, v in gate.items()))
+        if gate["alpha"] > ALPHA_ATOL or gate["weights"] > WEIGHT_ATOL:
+            raise SystemExit(f"first-order gate failed (α {ALPHA_ATOL}, weights {WEIGHT_ATOL}); no timing")
     if args.profile:
         for unrolled in orders.values():
             profile(*make_pair(official, args), unrolled, args.top)

@@ -1,12 +1,19 @@
-"""The faster DARTS super-net paths give the official numbers bit for bit (a second-order α step amplifies any
-rounding difference by 1 / 2R, so "close" is not enough): MixedOp against the plain official sum."""
+"""The faster DARTS super-net paths compute the official operations.
+
+MixedOp gives the plain official sum bit for bit. The 1 x 1 convolutions (matrix products) and the dilated depthwise
+input gradient (a convolution with the flipped kernel) sum in another order than torch's kernels, so they are checked
+in float64 against ``F.conv2d`` and its autograd; in fp32 the second-order α gradient they give is held to the
+official code's own distance from float64 by ``benchmarks/bench_darts.py`` and ``tests/test_nas_darts.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from swinlab.nas import PRIMITIVES, MixedOp
+from swinlab.nas.operations import DepthwiseConv, PointwiseConv
 
 
 def _official_sum(op: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -27,3 +34,45 @@ def test_mixed_op_is_bit_exact_to_the_official_sum(stride, primitives):
         results.append((out, *grads))
     for ours, official in zip(*results, strict=True):
         assert torch.equal(ours, official)
+
+
+def _assert_same_convolution(conv: nn.Conv2d, x: torch.Tensor, weight_grad: bool = True) -> None:
+    """``conv(x)`` and its input / weight gradients against ``F.conv2d`` with the same settings, in float64."""
+    conv = conv.double().requires_grad_(weight_grad)
+    x = x.double().requires_grad_()
+    inputs = [x, conv.weight] if weight_grad else [x]
+    results = []
+    for forward in (
+        conv,
+        lambda x: F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups),
+    ):
+        out = forward(x)
+        results.append((out, *torch.autograd.grad(out, inputs, torch.ones_like(out).cumsum(-1))))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride, size", [(1, 8), (2, 8), (2, 7)])
+def test_pointwise_conv_is_the_1x1_convolution(stride, size):
+    _assert_same_convolution(PointwiseConv(5, 6, stride), torch.randn(3, 5, size, size + 1))
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [(3, 1, 2, 2), (5, 1, 4, 2), (3, 1, 1, 2), (3, 1, 3, 3), (3, 2, 2, 2), (5, 1, 2, 1)],
+)
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_depthwise_conv_is_the_depthwise_convolution(kernel, stride, padding, dilation, weight_grad):
+    """Dilated stride-1 ones take the flipped-kernel input gradient (also alone, as the α-only passes ask);
+    strided and undilated ones are torch's own."""
+    _assert_same_convolution(DepthwiseConv(4, kernel, stride, padding, dilation), torch.randn(2, 4, 11, 9), weight_grad)
+
+
+def test_faster_convolutions_keep_the_conv2d_layout_and_errors():
+    pointwise, depthwise = PointwiseConv(4, 6, 2), DepthwiseConv(4, 3, 1, 2, 2)
+    pointwise.load_state_dict(nn.Conv2d(4, 6, 1, 2, bias=False).state_dict(), strict=True)
+    depthwise.load_state_dict(nn.Conv2d(4, 4, 3, 1, 2, 2, groups=4, bias=False).state_dict(), strict=True)
+    with pytest.raises(ValueError, match=r"expects \(B, 4, H, W\) input, got \(2, 3, 8, 8\)"):
+        pointwise(torch.randn(2, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="channels"):
+        depthwise(torch.randn(2, 3, 8, 8))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OpFactory = Callable[[int, int, bool], nn.Module]
@@ -26,14 +27,78 @@ class _Chain(nn.Module):
         return self.op(x)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A bias-free 1 x 1 convolution (optionally strided) computed as one matrix product over the channels.
+
+    Same parameter and state-dict layout as ``nn.Conv2d``; the numbers are the same sums in another order. Why: at
+    DARTS search sizes torch's CPU convolution goes through oneDNN with two threads and costs several times the
+    arithmetic (8 x 8 x 32 x 32, forward + backward: 475 µs against 120 µs as a matrix product; on par at one
+    thread, where torch itself runs a matrix product; ``benchmarks/RESULTS.md``)."""
+
+    def __init__(self, C_in: int, C_out: int, stride: int = 1) -> None:
+        super().__init__(C_in, C_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"1 x 1 convolution expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
+        stride = self.stride[0]
+        if stride > 1:
+            x = x[:, :, ::stride, ::stride]
+        B, C, H, W = x.shape
+        # bmm on the weight expanded over the batch: no copies either way (``matmul`` folds the batch into the rows
+        # and transposes), and its backward sums the per-image weight gradients.
+        weight = self.weight.view(1, self.out_channels, C).expand(B, -1, -1)
+        return torch.bmm(weight, x.reshape(B, C, H * W)).view(B, -1, H, W)
+
+
+class _DilatedDepthwise(torch.autograd.Function):
+    """A stride-1 dilated depthwise convolution whose input gradient is the forward convolution of the output
+    gradient with the flipped kernel (the transpose of a stride-1 convolution). torch's CPU backward runs a
+    reference loop here: 3-8x slower than its own forward kernel at DARTS sizes (``benchmarks/RESULTS.md``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.dilation = padding, dilation
+        return F.conv2d(x, weight, None, 1, padding, dilation, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        p, d, groups = ctx.padding, ctx.dilation, x.shape[1]
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            k = weight.shape[-1]
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, d * (k - 1) - p, d, groups)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], [p, p], [d, d], False, [0, 0], groups, [False, True, False]
+            )[1]
+        return grad_x, grad_w, None, None
+
+
+class DepthwiseConv(nn.Conv2d):
+    """A bias-free depthwise k x k convolution (``nn.Conv2d`` layout); stride-1 dilated ones take the faster input
+    gradient of :class:`_DilatedDepthwise` (the same sums in another order)."""
+
+    def __init__(self, C: int, kernel_size: int, stride: int, padding: int, dilation: int) -> None:
+        super().__init__(C, C, kernel_size, stride, padding, dilation, groups=C, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dilation[0] == 1 or self.stride[0] != 1 or x.dim() != 4 or x.shape[1] != self.in_channels:
+            return super().forward(x)  # torch's own kernels and shape errors
+        return _DilatedDepthwise.apply(x, self.weight, self.padding[0], self.dilation[0])
+
+
 def _depthwise_unit(
     C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int, affine: bool
 ) -> list[nn.Module]:
     """ReLU, depthwise k x k, pointwise 1 x 1, BN: a dilated conv is one unit, a separable conv two."""
     return [
         nn.ReLU(inplace=False),
-        nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation, groups=C_in, bias=False),
-        nn.Conv2d(C_in, C_out, 1, bias=False),
+        DepthwiseConv(C_in, kernel_size, stride, padding, dilation),
+        PointwiseConv(C_in, C_out),
         nn.BatchNorm2d(C_out, affine=affine),
     ]
 
@@ -44,7 +109,9 @@ class ReLUConvBN(_Chain):
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True) -> None:
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            PointwiseConv(C_in, C_out, stride)
+            if kernel_size == 1 and padding == 0
+            else nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
@@ -91,8 +158,8 @@ class FactorizedReduce(nn.Module):
         if C_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_1 = PointwiseConv(C_in, C_out // 2, stride=2)
+        self.conv_2 = PointwiseConv(C_in, C_out // 2, stride=2)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
