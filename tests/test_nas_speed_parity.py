@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinlab.nas import PRIMITIVES, MixedOp
+from swinlab.nas import PRIMITIVES, MixedOp, Network, use_fast_convolutions
+from swinlab.nas.model_search import darts_search
 from swinlab.nas.operations import DepthwiseConv, PointwiseConv
 
 
@@ -76,3 +77,22 @@ def test_faster_convolutions_keep_the_conv2d_layout_and_errors():
         pointwise(torch.randn(2, 3, 8, 8))
     with pytest.raises(RuntimeError, match="channels"):
         depthwise(torch.randn(2, 3, 8, 8))
+
+
+def test_use_fast_convolutions_swaps_in_place_and_keeps_the_parameters():
+    """Opt-in: the default super-net runs torch's convolutions (the official numbers); the swap changes the module
+    types only, so parameters (and any optimizer over them), state-dict keys and outputs stay."""
+    net = Network(4, 5, 3, nn.CrossEntropyLoss())
+    assert not any(isinstance(m, (PointwiseConv, DepthwiseConv)) for m in net.modules())
+    params, keys = [id(p) for p in net.parameters()], list(net.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    before = net(x)
+    assert use_fast_convolutions(net) is net
+    kinds = [type(m) for m in net.modules()]
+    assert kinds.count(PointwiseConv) > 0 and kinds.count(DepthwiseConv) > 0
+    assert [id(p) for p in net.parameters()] == params and list(net.state_dict()) == keys
+    for m in net.modules():  # what is left: the stem, undilated or strided depthwise convolutions
+        if type(m) is nn.Conv2d:
+            assert m.kernel_size != (1, 1) and not (m.dilation[0] > 1 and m.stride == (1, 1))
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+    assert darts_search(C=4, layers=3, fast_convolutions=True).cells[0].preprocess1.op[1].__class__ is PointwiseConv

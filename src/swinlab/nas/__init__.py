@@ -34,7 +34,7 @@ from swinlab.nas.genotypes import (
 )
 from swinlab.nas.model_eval import AcaEdge, NetworkCIFAR, NetworkImageNet, kept_channels
 from swinlab.nas.model_search import MixedOp, Network, SearchNetwork
-from swinlab.nas.operations import OPS
+from swinlab.nas.operations import OPS, use_fast_convolutions
 from swinlab.nas.pc import PartialMixedOp, channel_shuffle, edge_weights, partial_channels
 
 __all__ = [
@@ -71,4 +71,5 @@ __all__ = [
     "partial_channels",
     "read_genotype",
     "save_genotype",
+    "use_fast_convolutions",
 ]

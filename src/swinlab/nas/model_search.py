@@ -27,7 +27,7 @@ from torch.func import functional_call
 from swinlab.models.registry import register_model
 from swinlab.nas import pc
 from swinlab.nas.genotypes import PRIMITIVES, SEARCH_SPACES, Genotype, derive_genotype, num_edges
-from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells
+from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells, use_fast_convolutions
 
 ALPHA_NAMES = ("alphas_normal", "alphas_reduce")
 BETA_NAMES = ("betas_normal", "betas_reduce")
@@ -256,13 +256,16 @@ def darts_search(
     primitives: str | Sequence[str] = "darts",
     variant: str = "darts",
     partial_channels: int = 4,
+    fast_convolutions: bool = False,
 ) -> SearchNetwork:
     """The search super-net of ``task: darts_search`` (official search: C 16, 8 cells); ``img_size`` is accepted and
     ignored (the net pools globally).
 
     ``primitives``: a search space by name (``darts``: the official eight; ``aca``: without ``skip_connect``) or a
     list of operations; ``variant``: ``darts`` (every channel through every mixed edge) or ``pc`` (PC-DARTS: 1 /
-    ``partial_channels`` of the channels through each edge, edge normalisation)."""
+    ``partial_channels`` of the channels through each edge, edge normalisation); ``fast_convolutions``: see
+    :func:`~swinlab.nas.operations.use_fast_convolutions` (1.34x the official search speed at 2 threads instead of
+    1.14x, second-order numbers as close to float64 as the official's but not equal to them)."""
     if isinstance(primitives, str):
         if primitives not in SEARCH_SPACES:
             raise ValueError(f"unknown search space {primitives!r}; known: {', '.join(SEARCH_SPACES)}")
@@ -270,7 +273,7 @@ def darts_search(
     if variant not in ("darts", "pc"):
         raise ValueError(f"unknown DARTS variant {variant!r}; known: darts, pc")
     partial = variant == "pc"
-    return SearchNetwork(
+    model = SearchNetwork(
         C,
         num_classes,
         layers,
@@ -282,3 +285,4 @@ def darts_search(
         mixed_op=pc.partial_channels(partial_channels, MixedOp) if partial else None,
         edge_normalization=partial,
     )
+    return use_fast_convolutions(model) if fast_convolutions else model
