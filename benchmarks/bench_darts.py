@@ -58,6 +58,8 @@ leaves 1-ulp round-off on some (``stem.1.weight``: 1.2e-7); the weight step afte
 with swinlab's code unchanged from the official order); with ``--fast-convolutions``, ~1e-6 at first order too.
 After the architect step alone the tests hold them to 1e-6."""
 IMPLS = ("swinlab", "official")
+SHAPE_OPS = ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::bmm", "aten::mm")
+"""The ops ``--profile`` also lists by input shape."""
 
 
 def import_official(folder: Path) -> SimpleNamespace:
@@ -221,19 +223,27 @@ def alternate(pair: dict[str, Searcher], batches: tuple, unrolled: bool, warmup:
 
 
 def profile(pair: dict[str, Searcher], batches: tuple, unrolled: bool, top: int) -> None:
-    """torch.profiler's top ops (by self CPU time) of one iteration of each implementation, after one warm-up."""
+    """torch.profiler's top ops (by self CPU time) of one iteration of each implementation, after one warm-up, then
+    its convolution and matrix-product calls by input shape (where a small-kernel overhead shows: the cost per call
+    against the call's size)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     for impl in IMPLS:
         pair[impl].iteration(batches, unrolled)
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             pair[impl].iteration(batches, unrolled)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) / 1e3
         print(f"\n{impl}, {'second' if unrolled else 'first'} order: {total:.0f} ms self CPU in ops, "
               f"{len(events)} op kinds, {sum(e.count for e in events)} op calls")  # fmt: skip
         print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=40))
+        kernels = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in SHAPE_OPS]
+        print("| op | self ms | calls | µs / call | input shapes |\n|---|---|---|---|---|")
+        for e in sorted(kernels, key=lambda e: -e.self_cpu_time_total)[:top]:
+            shapes = " ".join(str(tuple(s)) for s in e.input_shapes if s)
+            print(f"| {e.key} | {e.self_cpu_time_total / 1e3:.1f} | {e.count} | "
+                  f"{e.self_cpu_time_total / e.count:.0f} | {shapes} |")  # fmt: skip
 
 
 def main() -> None:
