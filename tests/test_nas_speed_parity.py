@@ -96,3 +96,23 @@ def test_use_fast_convolutions_swaps_in_place_and_keeps_the_parameters():
             assert m.kernel_size != (1, 1) and not (m.dilation[0] > 1 and m.stride == (1, 1))
     torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
     assert darts_search(C=4, layers=3, fast_convolutions=True).cells[0].preprocess1.op[1].__class__ is PointwiseConv
+
+
+def test_fast_convolutions_run_under_autocast():
+    """Mixed precision: the dilated input gradient works in the dtype autocast ran the forward in and hands back
+    gradients in the parameters' and inputs' own dtypes."""
+    torch.manual_seed(0)
+    for conv in (DepthwiseConv(4, 3, 1, 2, 2), PointwiseConv(4, 6)):
+        reference = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, 1, conv.padding, conv.dilation,
+                              conv.groups, bias=False)  # fmt: skip
+        reference.load_state_dict(conv.state_dict())
+        x = torch.randn(2, 4, 9, 9, requires_grad=True)
+        grads = []
+        for module in (conv, reference):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = module(x)
+            assert out.dtype == torch.bfloat16
+            grads.append(torch.autograd.grad(out.float().square().sum(), [x, module.weight]))
+        for ours, theirs in zip(*grads, strict=True):
+            assert ours.dtype == torch.float32
+            torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)

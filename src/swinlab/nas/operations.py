@@ -59,23 +59,25 @@ class _DilatedDepthwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.dilation = padding, dilation
-        return F.conv2d(x, weight, None, 1, padding, dilation, x.shape[1])
+        out = F.conv2d(x, weight, None, 1, padding, dilation, x.shape[1])
+        # Under autocast the convolution ran in ``out.dtype``: the backward works in it and casts back.
+        ctx.save_for_backward(x.to(out.dtype), weight.to(out.dtype))
+        ctx.padding, ctx.dilation, ctx.dtypes = padding, dilation, (x.dtype, weight.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         p, d, groups = ctx.padding, ctx.dilation, x.shape[1]
-        grad = grad.contiguous()
+        grad = grad.to(x.dtype).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             k = weight.shape[-1]
-            grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, d * (k - 1) - p, d, groups)
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, d * (k - 1) - p, d, groups).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             grad_w = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, [1, 1], [p, p], [d, d], False, [0, 0], groups, [False, True, False]
-            )[1]
+            )[1].to(ctx.dtypes[1])
         return grad_x, grad_w, None, None
 
 
