@@ -31,10 +31,10 @@ class PointwiseConv(nn.Conv2d):
     """A bias-free 1 x 1 convolution (optionally strided) computed as one matrix product over the channels.
 
     Same parameter and state-dict layout as ``nn.Conv2d``; the numbers are the same sums in another order (see
-    :func:`use_fast_convolutions`, which puts it in place). Why: at
-    DARTS search sizes torch's CPU convolution goes through oneDNN with two threads and costs several times the
-    arithmetic (8 x 8 x 32 x 32, forward + backward: 475 µs against 120 µs as a matrix product; on par at one
-    thread, where torch itself runs a matrix product; ``benchmarks/RESULTS.md``)."""
+    :func:`use_fast_convolutions`, which puts it in place). Why: at DARTS search sizes torch's CPU convolution goes
+    through oneDNN with two threads and costs several times the arithmetic (8 x 8 x 32 x 32, forward + backward:
+    475 µs against 120 µs as a matrix product; on par at one thread, where torch itself runs a matrix product;
+    ``benchmarks/RESULTS.md``)."""
 
     def __init__(self, C_in: int, C_out: int, stride: int = 1) -> None:
         super().__init__(C_in, C_out, 1, stride=stride, bias=False)
