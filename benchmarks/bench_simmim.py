@@ -28,12 +28,14 @@ measurement, from the dev venv:
 
 Protocol (as ``bench_swin.py``, helpers in ``_common.py``): every (implementation, mode) in its own subprocess (its
 own peak RSS, which includes what its imports cost: transformers for the transformers rows); "train" = train() +
-forward (reconstruction and masked L1 loss) + backward + AdamW step (``--optimizer plain``: torch's default AdamW for
-both), "infer" = eval() + ``inference_mode`` forward with the mask (transformers computes the loss whenever it is
-given a mask, so both compute reconstruction and loss); ``--warmup`` untimed and ``--iters`` timed steps, median.
-All rows are repeated ``--rounds`` times with the implementations interleaved inside each round; the ratios are
-taken per round and their median reported. "busy" is the share of the machine other processes used during the
-timed loop (rows above a few percent were disturbed); "page faults/step" counts minor faults. FLOPs from
+each library's own training call + backward + AdamW step (``--optimizer plain``: torch's default AdamW for both):
+transformers' forward decodes every cell of the image and returns the masked L1 loss with the reconstruction,
+swinlab's ``model(x, mask)`` (what the engine's SimMIM task calls) decodes only the cells with masked pixels and
+returns the loss; "infer" = eval() + ``inference_mode`` forward with the mask (transformers computes the loss
+whenever it is given a mask, so both compute reconstruction and loss); ``--warmup`` untimed and ``--iters`` timed
+steps, median. All rows are repeated ``--rounds`` times with the implementations interleaved inside each round; the
+ratios are taken per round and their median reported. "busy" is the share of the machine other processes used during
+the timed loop (rows above a few percent were disturbed); "page faults/step" counts minor faults. FLOPs from
 ``swinlab.metrics.flops.flop_counter`` on one forward of the first row's implementation; train counted as 3x
 forward. ``--img`` must be a multiple of 32 whose every stage grid the window divides or covers (transformers pads
 other grids with zero tokens that it attends, swinlab masks them: different functions), e.g. 96 for a quick check.
@@ -97,7 +99,9 @@ def check_size(img: int) -> None:
 def adapter(impl: str, model, mask):
     """``model`` (swinlab ``SimMIM`` or transformers ``Swinv2ForMaskedImageModeling``) as a module whose forward
     takes images only and returns ``(loss, reconstruction)`` for the shared ``mask`` ``(B, H/4, W/4)`` (its first
-    ``len(x)`` entries), given in the form the implementation takes, so every step does the same work."""
+    ``len(x)`` entries), given in the form the implementation takes. In training mode each runs the call its own
+    training makes: transformers' forward (which always decodes the whole image), swinlab's ``model(x, mask)``
+    (the loss alone, as the engine's SimMIM task calls it; reconstruction ``None``)."""
     from torch import nn
 
     class MaskedImageModeling(nn.Module):
@@ -112,6 +116,8 @@ def adapter(impl: str, model, mask):
             if self.impl == "transformers":
                 out = self.model(x, bool_masked_pos=mask)
                 return out.loss, out.reconstruction
+            if self.training:  # the engine's training call: the loss alone, decoding the masked cells only
+                return self.model(x, mask), None
             return self.model.loss_and_reconstruction(x, mask)
 
         # what swinlab's build_optimizer reads (--optimizer engine), under this wrapper's "model." prefix

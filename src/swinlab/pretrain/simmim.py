@@ -8,8 +8,9 @@ predicts the pixels, and the loss is the mean L1 error over the masked pixels, o
 normalised targets.
 
 Beyond the official code: non-square images, the mask generator seeded through a ``torch.Generator`` (the
-official draws from numpy's global RNG), one call for a whole batch, and errors that name the sizes before any
-compute instead of asserts or reshape failures.
+official draws from numpy's global RNG), one call for a whole batch, a training loss that decodes only the cells
+it reads (the official decodes the whole image and multiplies the unmasked part by zero), and errors that name the
+sizes before any compute instead of asserts or reshape failures.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swinlab.layers.linear import linear
 from swinlab.models.swin import SwinTransformerV2
 
 
@@ -172,16 +174,20 @@ def _check_keys(given: Mapping[str, Any], allowed: Sequence[str], what: str) -> 
 class PointwiseConv2d(nn.Conv2d):
     """The decoder's 1 x 1 convolution, computed as a linear map over the channels of the channels-last token map.
 
-    Same parameters and keys as ``nn.Conv2d(c_in, c_out, 1)``, same numbers. On the CPU torch sends this shape (a few
-    pixels, many channels: 6 x 6 x 768 -> 3072 for SwinV2 at 192 px) to its slow reference convolution, which took
-    1.3-1.4x the GEMM's time, forward + backward (1 thread)."""
+    Same parameters and keys as ``nn.Conv2d(c_in, c_out, 1)``, same numbers up to summation order. On the CPU torch
+    sends this shape (a few pixels, many channels: 6 x 6 x 768 -> 3072 for SwinV2 at 192 px) to its slow reference
+    convolution, which took 1.3-1.4x the GEMM's time, forward + backward (1 thread); the GEMM is
+    :func:`swinlab.layers.linear.linear` (oneDNN where that is faster)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
-        return out.permute(0, 3, 1, 2)
+        return self.tokens(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The map over the last axis of ``x`` (tokens in rows, channels last)."""
+        return linear(x, self.weight.flatten(1), self.bias)
 
 
 class SimMIM(nn.Module):
@@ -282,7 +288,22 @@ class SimMIM(nn.Module):
         return simmim_loss(self.target(x), reconstruction, mask, self.patch_size), reconstruction
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.loss_and_reconstruction(x, mask)[0]
+        """The loss, decoding only the cells the loss reads.
+
+        Each decoder output token is one ``stride x stride`` cell of the image, and the loss reads only masked
+        pixels, so only cells with a masked pixel are decoded (a ``0.6`` mask: 60 % of the decoder's work, forward
+        and backward) and compared; the same terms as :func:`simmim_loss` on the full reconstruction."""
+        self.check_input(x)
+        features = self.encoder.forward_features(x, mask=mask, return_map=True).permute(0, 2, 3, 1)
+        b, h, w, c = features.shape
+        r, channels = self.encoder_stride, self.in_chans
+        pixels = upsample_mask(mask, self.patch_size).view(b, h, r, w, r).transpose(2, 3)  # (B, h, w, r, r)
+        cells = pixels.flatten(3).any(-1).flatten().nonzero().squeeze(1)
+        prediction = self.decoder[0].tokens(features.reshape(-1, c).index_select(0, cells))
+        target = self.target(x).view(b, channels, h, r, w, r).permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, r, r)
+        error = (target.index_select(0, cells) - prediction.view(-1, channels, r, r)).abs()
+        error = error * pixels.reshape(-1, 1, r, r).index_select(0, cells)
+        return error.sum() / (pixels.sum() + 1e-5) / channels
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
