@@ -290,3 +290,25 @@ def test_eval_bias_cache_never_outlives_training_steps():
     # The two paths differ only in float rounding (SDPA vs explicit softmax, ~1e-6 on logits of ~3); a stale
     # bias after an lr=0.1 step moves the logits by orders of magnitude more.
     torch.testing.assert_close(cached, uncached.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_tokens_are_the_final_map_at_those_tokens():
+    """``forward_tokens`` computes the last block's MLP half and the final norm for the given tokens only, with
+    the values ``forward_features(return_map=True)`` has there (and their gradients); bad indices are refused."""
+    torch.manual_seed(0)
+    model = SwinTransformerV2(img_size=32, patch_size=4, embed_dim=8, depths=(2, 2), num_heads=(2, 4),
+                              window_size=4, num_classes=0, drop_path_rate=0.0).double()  # fmt: skip
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)  # float64: the same function, not float32 rounding
+    tokens = torch.stack([torch.randperm(16)[:5] for _ in range(3)])  # last grid 4 x 4
+    full = model.forward_features(x, return_map=True).permute(0, 2, 3, 1).flatten(1, 2)
+    expected = full.gather(1, tokens.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+    picked = model.forward_tokens(x, tokens.int())
+    torch.testing.assert_close(picked, expected)
+    direction = torch.randn_like(picked)
+    grads = [torch.autograd.grad((out * direction).sum(), list(model.parameters())) for out in (expected, picked)]
+    for ref, new in zip(*grads, strict=True):
+        torch.testing.assert_close(new, ref)
+    with pytest.raises(ValueError, match=r"tokens must be a \(B, k\) index tensor with B = 3"):
+        model.forward_tokens(x, tokens[:2])
+    with pytest.raises(TypeError, match="int64 or int32"):
+        model.forward_tokens(x, tokens.float())

@@ -151,9 +151,14 @@ class SwinBlockV2(_SwinBlock):
         attn = WindowAttentionV2(dim, num_heads, qkv_bias, attn_drop, drop, pretrained_window_size)
         super().__init__(dim, attn, window_size, shift_size, mlp_ratio, drop, drop_path, norm_layer, pad_mask=pad_mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, *grid, C)`` -> same shape; with ``keep`` ``(B, k)`` (indices into the flattened grid) the block
+        goes on after its attention with those tokens only and returns ``(B, k, C)``: its second half is token-wise,
+        so a caller that reads k tokens needs no more (SimMIM's loss, :meth:`SwinTransformerV2.forward_tokens`)."""
         # Residuals added in place into the fresh branch output (a LayerNorm's backward does not need it).
         x = self.drop_path(self.norm1(self.window_attention(x))).add_(x)
+        if keep is not None:
+            x = x.flatten(1, -2).gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.drop_path(self.norm2(self.mlp(x))).add_(x)
 
     def init_post_norms(self) -> None:
@@ -219,14 +224,16 @@ class SwinStage(nn.Module):
         self.downsample = downsample
         self.grad_checkpointing = False
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """The stage's blocks (and extra norms) without the downsample: ``(B, *grid, C)`` -> same shape."""
+    def run_blocks(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The stage's blocks (and extra norms) without the downsample: ``(B, *grid, C)`` -> same shape, or with
+        ``keep`` the last block's ``(B, k, C)`` (see :meth:`SwinBlockV2.forward`)."""
         extra = getattr(self, "extra_norms", {})
         for i, block in enumerate(self.blocks):
+            args = (x,) if keep is None or i < len(self.blocks) - 1 else (x, keep)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(*args)
             if str(i) in extra:
                 x = extra[str(i)](x)
         return x
@@ -495,20 +502,46 @@ class SwinTransformerV2(nn.Module):
         ``return_map=True``: the final-norm token map ``(B, num_features, H_last, W_last)`` instead of its mean
         (what SimMIM's decoder reads; a channels-last view, no copy).
         """
-        if torch.compiler.is_compiling():
-            self._build_window_tables(x)
-        x = self.embed(x, mask)
-        stages = []
-        for layer in self.layers:
-            x = layer.run_blocks(x)
-            if return_stages:
-                stages.append(x.permute(0, 3, 1, 2))
-            if layer.downsample is not None:
-                x = layer.downsample(x)
-        if return_stages:
+        stages = [] if return_stages else None
+        x = self._encode(x, mask, stages=stages)
+        if stages is not None:
             return stages
         x = self.norm(x)
         return x.permute(0, 3, 1, 2) if return_map else x.flatten(1, 2).mean(1)
+
+    def forward_tokens(
+        self, x: torch.Tensor, tokens: torch.Tensor, *, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The final-norm features ``(B, k, num_features)`` of the last stage's tokens ``tokens`` ``(B, k)``
+        (indices into its flattened ``H_last x W_last`` grid): those entries of ``forward_features(x, mask=mask,
+        return_map=True)``. Every token is computed up to the last block's attention, where they all mix; the
+        rest (that block's MLP half and the final norm) only for these."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != x.shape[0]:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (B, k) index tensor with B = {x.shape[0]}, got {shape}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64 or int32 index tensor, got {tokens.dtype}")
+        return self.norm(self._encode(x, mask, keep=tokens.long()))
+
+    def _encode(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        keep: torch.Tensor | None = None,
+        stages: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Embedding and every stage (``keep``: see :meth:`forward_tokens`), before the final norm; appends each
+        stage's map before its downsample to ``stages`` if given."""
+        if torch.compiler.is_compiling():
+            self._build_window_tables(x)
+        x = self.embed(x, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer.run_blocks(x, keep if i == len(self.layers) - 1 else None)
+            if stages is not None:
+                stages.append(x.permute(0, 3, 1, 2))
+            if layer.downsample is not None:
+                x = layer.downsample(x)
+        return x
 
     @torch.compiler.disable
     def _build_window_tables(self, x: torch.Tensor) -> None:
