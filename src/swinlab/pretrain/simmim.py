@@ -8,9 +8,10 @@ predicts the pixels, and the loss is the mean L1 error over the masked pixels, o
 normalised targets.
 
 Beyond the official code: non-square images, the mask generator seeded through a ``torch.Generator`` (the
-official draws from numpy's global RNG), one call for a whole batch, a training loss that decodes only the cells
-it reads (the official decodes the whole image and multiplies the unmasked part by zero), and errors that name the
-sizes before any compute instead of asserts or reshape failures.
+official draws from numpy's global RNG), one call for a whole batch, a training loss that runs the last block's MLP
+half, the final norm and the decoder only for the cells it reads (the official decodes the whole image and
+multiplies the unmasked part by zero), and errors that name the sizes before any compute instead of asserts or
+reshape failures.
 """
 
 from __future__ import annotations
