@@ -135,9 +135,13 @@ def simmim_loss(
 ) -> torch.Tensor:
     """Mean L1 error over masked pixel values (the official loss): ``|target - reconstruction|`` summed over the
     pixels of masked patches and all channels, divided by (masked pixels + 1e-5) and by the channel count."""
-    pixel_mask = upsample_mask(mask, patch_size).unsqueeze(1)
-    error = (target - reconstruction).abs() * pixel_mask
-    return error.sum() / (pixel_mask.sum() + 1e-5) / target.shape[1]
+    return _masked_l1(target, reconstruction, upsample_mask(mask, patch_size).unsqueeze(1), target.shape[1])
+
+
+def _masked_l1(target: torch.Tensor, prediction: torch.Tensor, weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """``sum |target - prediction| * weight / (sum weight + 1e-5) / channels``, with ``weight`` the pixel mask
+    broadcast over the channels (in whatever layout the caller holds the pixels)."""
+    return ((target - prediction).abs() * weight).sum() / (weight.sum() + 1e-5) / channels
 
 
 # Keyword arguments of the official SwinTransformerV2 / SwinTransformerV2ForSimMIM constructor.
@@ -308,9 +312,8 @@ class SimMIM(nn.Module):
         prediction = self.decoder[0].tokens(self.encoder.forward_tokens(x, cells, mask=mask))
         target = self.target(x).view(b, channels, h, r, w, r).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, -1, r * r)
         target = target.gather(1, cells[..., None, None].expand(-1, -1, channels, r * r))
-        weight = pixels.gather(1, cells.unsqueeze(-1).expand(-1, -1, r * r)).unsqueeze(2)
-        error = (target - prediction.view(b, k, channels, r * r)).abs() * weight
-        return error.sum() / (pixels.sum() + 1e-5) / channels
+        weight = pixels.gather(1, cells.unsqueeze(-1).expand(-1, -1, r * r)).unsqueeze(2)  # every masked pixel
+        return _masked_l1(target, prediction.view(b, k, channels, r * r), weight, channels)
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
