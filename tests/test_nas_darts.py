@@ -434,8 +434,11 @@ def test_fast_convolutions_keep_the_second_order_as_close_to_float64_as_official
 
 @_official_warnings
 @pytest.mark.parametrize("unrolled", [False, True])
-def test_architect_alpha_grads_match_official(official, unrolled):
+@pytest.mark.parametrize("training", [True, False])
+def test_architect_alpha_grads_match_official(official, unrolled, training):
+    """In eval mode too: the official unrolled copy is a new model, in training mode whatever the model's."""
     ref, ours, opt_ref, opt, arch_ref, arch, (xt, yt), (xv, yv) = _architect_twins(official)
+    ref.train(training), ours.train(training)
     eta = 0.025
     grads = arch.alpha_grads(xt, yt, xv, yv, eta, opt, unrolled)
     arch_ref.optimizer.zero_grad()

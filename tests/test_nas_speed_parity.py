@@ -21,13 +21,14 @@ def _official_sum(op: MixedOp, x: torch.Tensor, weights: torch.Tensor) -> torch.
     return sum(w * o(x) for w, o in zip(weights, op._ops, strict=True))
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("primitives", [PRIMITIVES, ["max_pool_3x3", "none", "sep_conv_3x3"]])
-def test_mixed_op_is_bit_exact_to_the_official_sum(stride, primitives):
+@pytest.mark.parametrize("stride, size", [(1, 10), (2, 10), (1, 32), (2, 32), (1, 9)])
+@pytest.mark.parametrize("primitives", [PRIMITIVES, ["max_pool_3x3", "none", "sep_conv_3x3", "avg_pool_3x3"]])
+def test_mixed_op_is_bit_exact_to_the_official_sum(stride, size, primitives):
+    """The pools' channels-last kernels included (forward and backward, odd sizes and strides)."""
     op = MixedOp(6, stride, primitives)
-    x = torch.randn(3, 6, 10, 10, requires_grad=True)
+    x = torch.randn(3, 6, size, size, requires_grad=True)
     alpha = torch.randn(len(primitives), requires_grad=True)
-    grad_out = torch.randn(3, 6, 10 // stride, 10 // stride)
+    grad_out = torch.randn(3, 6, (size - 1) // stride + 1, (size - 1) // stride + 1)
     results = []
     for forward in (op.forward, lambda x, w: _official_sum(op, x, w)):
         out = forward(x, torch.softmax(alpha, -1))
@@ -116,3 +117,31 @@ def test_fast_convolutions_run_under_autocast():
         for ours, theirs in zip(*grads, strict=True):
             assert ours.dtype == torch.float32
             torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)
+
+
+def test_substituted_replaces_by_name_and_puts_back():
+    """What the architect evaluates the unrolled and perturbed weights with: the same outputs as ``functional_call``;
+    a BN statistic given as ``None`` is absent for the call (batch statistics, nothing updated)."""
+    from torch.func import functional_call
+
+    from swinlab.nas.model_search import substituted
+
+    torch.manual_seed(0)
+    net = Network(4, 5, 3, nn.CrossEntropyLoss())
+    x = torch.randn(2, 3, 16, 16)
+    state = {name: p.detach() + 0.01 * torch.randn_like(p) for name, p in net.named_parameters()}
+    params = dict(net.named_parameters())
+    stats = {name: b.clone() for name, b in net.named_buffers()}
+    expected = functional_call(net, {**state, **{n: b.clone() for n, b in stats.items()}}, (x,))
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    no_stats = {n: None for n in stats if n.rpartition(".")[2] in statistics}
+    with substituted(net, {**state, **no_stats}):
+        out = net(x)
+        assert net.cells[0].preprocess1.op[2].running_mean is None
+    assert torch.equal(out, expected)
+    assert all(p is params[n] for n, p in net.named_parameters())
+    assert all(torch.equal(b, stats[n]) for n, b in net.named_buffers())  # put back, not updated
+    missing = pytest.raises(KeyError, match=r"no parameter or buffer 'cells\.0\.nope'")
+    with missing, substituted(net, {"cells.0.nope": x}):
+        pass
+    assert all(p is params[n] for n, p in net.named_parameters())

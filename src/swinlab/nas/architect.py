@@ -8,10 +8,10 @@ Second order (Liu et al. 2019, eq. 7-8), computed as the official code computes 
 * ``w± = w ± R v`` with ``R = r / ‖v‖`` (``r = 0.01``), ``hvp = (∇α L_train(w+, α) - ∇α L_train(w-, α)) / 2R``;
 * ``∇α = ∇α L_val(w', α) - η · hvp``, applied by Adam(β = (0.5, 0.999), weight decay ``arch_weight_decay``).
 
-The unrolled and perturbed weights are evaluated on the same module through ``functional_call`` (no model copy, the
-weights never modified in place). BN running statistics move exactly as in the official code: the passes on the
+The unrolled and perturbed weights are evaluated on the same module, substituted by name for one call (no model copy,
+the weights never modified in place). BN running statistics move exactly as in the official code: the passes on the
 model's weights (the training batch at ``w``, ``w+`` and ``w-``) update them; the unrolled pass, which the official
-code runs on a fresh copy of the model, updates copies that are then dropped.
+code runs on a fresh copy of the model, runs without them (batch statistics, as the copy's training-mode BN uses).
 """
 
 from __future__ import annotations
@@ -74,9 +74,14 @@ class Architect:
             return list(torch.autograd.grad(self.model._loss(input_valid, target_valid), alphas))
         names, weights = zip(*self.model.named_parameters(), strict=True)
         unrolled_w = self._unrolled_weights(input_train, target_train, eta, network_optimizer, weights)
-        # The official unrolled model is a fresh copy: its BN statistics move, the model's do not.
-        arch = {id(a) for a in alphas}
-        stats = {n: b.clone() for n, b in self.model.named_buffers() if id(b) not in arch}
+        # The official unrolled model is a fresh copy (in training mode): BN normalises by the batch and the model's
+        # statistics do not move. A BN without running statistics does both, in either mode.
+        stats = {
+            f"{name}.{stat}": None
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for stat in ("running_mean", "running_var", "num_batches_tracked")
+        }
         loss = self.model._loss(input_valid, target_valid, {**dict(zip(names, unrolled_w, strict=True)), **stats})
         grads = torch.autograd.grad(loss, [*alphas, *unrolled_w], materialize_grads=True)
         dalpha, v = grads[: len(alphas)], grads[len(alphas) :]
