@@ -38,6 +38,15 @@ def test_mixed_op_is_bit_exact_to_the_official_sum(stride, size, primitives):
         assert torch.equal(ours, official)
 
 
+
+def test_mixed_op_pools_have_second_derivatives():
+    """Hyper-gradients through the super-net (``create_graph=True``) still work with the pools' own backward."""
+    torch.manual_seed(0)
+    op = MixedOp(3, 1, ["max_pool_3x3", "avg_pool_3x3"]).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: op(x, w), (x, w))
+
 def _assert_same_convolution(conv: nn.Conv2d, x: torch.Tensor, weight_grad: bool = True) -> None:
     """``conv(x)`` and its input / weight gradients against ``F.conv2d`` with the same settings, in float64."""
     conv = conv.double().requires_grad_(weight_grad)

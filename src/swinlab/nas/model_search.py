@@ -23,7 +23,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from swinlab.models.registry import register_model
 from swinlab.nas import pc
@@ -49,7 +48,6 @@ class _MaxPool(torch.autograd.Function):
         return out.contiguous()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         x, indices = ctx.saved_tensors
         return torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, *ctx.args, indices), None
@@ -74,7 +72,6 @@ class _AvgPool(torch.autograd.Function):
         return torch.ops.aten.avg_pool2d(x, *ctx.args).contiguous()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
@@ -92,7 +89,8 @@ class MixedOp(nn.Module):
     """Σ_o w_o · o(x) over the search space; pools get a non-affine BN (the official search space).
 
     Bit-exact to the official sum, with less work: ``none`` adds ``w · 0`` (zeros, whose gradients are zeros) and is
-    skipped; the pools take torch's faster kernels for the same numbers (:class:`_MaxPool`, :class:`_AvgPool`);
+    skipped; the pools take torch's faster kernels for the same numbers (:class:`_MaxPool`, :class:`_AvgPool`, whose
+    backward is made of differentiable ops, so higher-order gradients still work);
     everything else keeps the official layout and kernels (BN's channels-last statistics sum in another order)."""
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES) -> None:
