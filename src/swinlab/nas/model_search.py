@@ -240,7 +240,7 @@ class SearchNetwork(nn.Module):
         return pc.edge_weights(self.betas_reduce if reduction else self.betas_normal, self._steps)
 
     def _loss(
-        self, input: torch.Tensor, target: torch.Tensor, state: dict[str, torch.Tensor] | None = None
+        self, input: torch.Tensor, target: torch.Tensor, state: Mapping[str, torch.Tensor | None] | None = None
     ) -> torch.Tensor:
         """The criterion on the logits; ``state`` replaces weights / buffers by name for this call only (how the
         architect evaluates the unrolled and perturbed weights without copying the model). A buffer replaced by
