@@ -151,6 +151,6 @@ def test_substituted_replaces_by_name_and_puts_back():
     assert all(p is params[n] for n, p in net.named_parameters())
     assert all(torch.equal(b, stats[n]) for n, b in net.named_buffers())  # put back, not updated
     missing = pytest.raises(KeyError, match=r"no parameter or buffer 'cells\.0\.nope'")
-    with missing, substituted(net, {"cells.0.nope": x}):
+    with missing, substituted(net, {**state, "cells.0.nope": x}):
         pass
     assert all(p is params[n] for n, p in net.named_parameters())

@@ -90,8 +90,8 @@ class MixedOp(nn.Module):
 
     Bit-exact to the official sum, with less work: ``none`` adds ``w · 0`` (zeros, whose gradients are zeros) and is
     skipped; the pools take torch's faster kernels for the same numbers (:class:`_MaxPool`, :class:`_AvgPool`, whose
-    backward is made of differentiable ops, so higher-order gradients still work);
-    everything else keeps the official layout and kernels (BN's channels-last statistics sum in another order)."""
+    backward is made of differentiable ops, so higher-order gradients still work); everything else keeps the
+    official layout and kernels (BN's channels-last statistics sum in another order)."""
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES) -> None:
         super().__init__()
@@ -288,14 +288,15 @@ def substituted(module: nn.Module, state: Mapping[str, torch.Tensor | None]) -> 
     What ``torch.func.functional_call`` does, without its several walks over every submodule and tensor name on each
     call, and with ``None`` allowed (the unrolled pass's BN, which must not move the model's statistics)."""
     modules = dict(module.named_modules())
-    slots = []
-    for name, tensor in state.items():
+    slots = []  # every name resolved before anything is swapped, so a bad name leaves the module as it was
+    for name in state:
         owner_name, _, key = name.rpartition(".")
         owner = modules.get(owner_name)
         slot = None if owner is None else owner._parameters if key in owner._parameters else owner._buffers
         if slot is None or key not in slot:
             raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
         slots.append((slot, key, slot[key]))
+    for (slot, key, _), tensor in zip(slots, state.values(), strict=True):
         slot[key] = tensor
     try:
         yield
