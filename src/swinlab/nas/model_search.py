@@ -25,64 +25,12 @@ import torch
 from torch import nn
 
 from swinlab.models.registry import register_model
-from swinlab.nas import pc
+from swinlab.nas import pc, stacked_cell
 from swinlab.nas.genotypes import PRIMITIVES, SEARCH_SPACES, Genotype, derive_genotype, num_edges
-from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, stack_cells, use_fast_convolutions
+from swinlab.nas.operations import OPS, FactorizedReduce, ReLUConvBN, apply_pool, stack_cells, use_fast_convolutions
 
 ALPHA_NAMES = ("alphas_normal", "alphas_reduce")
 BETA_NAMES = ("betas_normal", "betas_reduce")
-
-
-class _MaxPool(torch.autograd.Function):
-    """Max pooling by torch's channels-last forward kernel (1.7-5x faster than its NCHW one at DARTS sizes, layout
-    copies included) and its NCHW backward kernel (given an NCHW gradient, the channels-last backward converts it and
-    runs 4x slower). Both kernels pick the same maxima, so values, indices and gradients are the official ones."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
-        ctx.args = [*map(_pair, (pool.kernel_size, pool.stride, pool.padding, pool.dilation)), pool.ceil_mode]
-        x = x.contiguous()
-        channels_last = x.contiguous(memory_format=torch.channels_last)
-        out, indices = torch.ops.aten.max_pool2d_with_indices(channels_last, *ctx.args)
-        ctx.save_for_backward(x, indices.contiguous())
-        return out.contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        x, indices = ctx.saved_tensors
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, *ctx.args, indices), None
-
-
-class _AvgPool(torch.autograd.Function):
-    """Average pooling by torch's channels-last kernels on NCHW tensors: forward and backward 1.3-2x faster at DARTS
-    sizes with stride 1, on par with stride 2 (layout copies included). Each output sums its window in the same order
-    and divides by the same count, and each input gradient sums its outputs' shares in the same order, so the numbers
-    are the official ones."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, pool: nn.AvgPool2d) -> torch.Tensor:
-        ctx.args = [
-            *map(_pair, (pool.kernel_size, pool.stride, pool.padding)),
-            pool.ceil_mode,
-            pool.count_include_pad,
-            pool.divisor_override,
-        ]
-        x = x.contiguous(memory_format=torch.channels_last)
-        ctx.save_for_backward(x)
-        return torch.ops.aten.avg_pool2d(x, *ctx.args).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (x,) = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        return torch.ops.aten.avg_pool2d_backward(grad, x, *ctx.args).contiguous(), None
-
-
-_POOLS = {nn.MaxPool2d: _MaxPool, nn.AvgPool2d: _AvgPool}
-
-
-def _pair(v: int | tuple[int, int]) -> list[int]:
-    return [v, v] if isinstance(v, int) else list(v)
 
 
 class MixedOp(nn.Module):
@@ -110,7 +58,7 @@ class MixedOp(nn.Module):
                 continue
             if kind == "pool":
                 pool, bn = op
-                out = bn(_POOLS[type(pool)].apply(x, pool))
+                out = bn(apply_pool(pool, x))
             else:
                 out = op(x)
             total = w * out if total is None else total + w * out
@@ -153,6 +101,15 @@ class SearchCell(nn.Module):
     ) -> torch.Tensor:
         """``weights``: the operation weights of every edge (rows of softmax(α)); ``edge_weights``: one weight per
         edge scaling its output (PC-DARTS's normalised β), or ``None``."""
+        if edge_weights is None and stacked_cell.use_stacked(self, s0, s1, weights, MixedOp):
+            return stacked_cell.stacked_cell_forward(self, s0, s1, weights)
+        return self.forward_per_edge(s0, s1, weights, edge_weights)
+
+    def forward_per_edge(
+        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, edge_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The official computation, edge by edge (what :meth:`forward` computes; where it can, it runs the edges
+        that read the same states together, with the same numbers: :mod:`~swinlab.nas.stacked_cell`)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self._steps):

@@ -27,6 +27,64 @@ class _Chain(nn.Module):
         return self.op(x)
 
 
+class _MaxPool(torch.autograd.Function):
+    """Max pooling by torch's channels-last forward kernel (1.7-5x faster than its NCHW one at DARTS sizes, layout
+    copies included) and its NCHW backward kernel (given an NCHW gradient, the channels-last backward converts it and
+    runs 4x slower). Both kernels pick the same maxima, so values, indices and gradients are the official ones."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
+        ctx.args = [*map(_pair, (pool.kernel_size, pool.stride, pool.padding, pool.dilation)), pool.ceil_mode]
+        x = x.contiguous()
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        out, indices = torch.ops.aten.max_pool2d_with_indices(channels_last, *ctx.args)
+        ctx.save_for_backward(x, indices.contiguous())
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, indices = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, *ctx.args, indices), None
+
+
+class _AvgPool(torch.autograd.Function):
+    """Average pooling by torch's channels-last kernels on NCHW tensors: forward and backward 1.3-2x faster at DARTS
+    sizes with stride 1, on par with stride 2 (layout copies included). Each output sums its window in the same order
+    and divides by the same count, and each input gradient sums its outputs' shares in the same order, so the numbers
+    are the official ones."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pool: nn.AvgPool2d) -> torch.Tensor:
+        ctx.args = [
+            *map(_pair, (pool.kernel_size, pool.stride, pool.padding)),
+            pool.ceil_mode,
+            pool.count_include_pad,
+            pool.divisor_override,
+        ]
+        x = x.contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x)
+        return torch.ops.aten.avg_pool2d(x, *ctx.args).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        return torch.ops.aten.avg_pool2d_backward(grad, x, *ctx.args).contiguous(), None
+
+
+_POOLS = {nn.MaxPool2d: _MaxPool, nn.AvgPool2d: _AvgPool}
+
+
+def apply_pool(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)`` for the search cells' ``nn.MaxPool2d`` / ``nn.AvgPool2d``, by the faster kernels above (same
+    numbers)."""
+    return _POOLS[type(pool)].apply(x, pool)
+
+
+def _pair(v: int | tuple[int, int]) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
 class PointwiseConv(nn.Conv2d):
     """A bias-free 1 x 1 convolution (optionally strided) computed as one matrix product over the channels.
 
