@@ -42,20 +42,11 @@ def use_stacked(
         or torch.compiler.is_compiling()
     ):
         return False
-    modules = list(cell.modules())
-    if _global_hooks() or any(_hooked(m) for m in modules[1:]):  # hooks inside expect their modules called
+    state = _state(cell)
+    if state is None or _global_hooks():  # hooks expect their modules to be called
         return False
     checks = cell.__dict__.setdefault("_stacked_checks", {})
-    key = (
-        tuple(map(type, modules)),
-        tuple(p.requires_grad for p in cell.parameters()),
-        tuple((m.training, m.running_mean is None) for m in modules if isinstance(m, nn.BatchNorm2d)),
-        s0.shape,
-        s1.shape,
-        s0.dtype,
-        weights.shape,
-        torch.get_num_threads(),
-    )
+    key = (state, s0.shape, s1.shape, s0.dtype, weights.shape, torch.get_num_threads())
     if key not in checks:
         checks[key] = _stackable(cell, edge_type) and _stacked_equals_per_edge(cell, s0, s1, weights)
     return checks[key]
@@ -72,10 +63,18 @@ def _global_hooks() -> bool:
     )
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-    )
+def _state(cell: nn.Module) -> tuple | None:
+    """What the check of a cell depends on, in one walk: its modules' types, which weights take gradients, each
+    BN's mode; ``None`` if a module inside has hooks."""
+    state: list = []
+    for m in cell.modules():
+        if m is not cell and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
+            return None
+        state.append(type(m))
+        state.extend(p is not None and p.requires_grad for p in m._parameters.values())
+        if isinstance(m, nn.BatchNorm2d):
+            state.append((m.training, m.running_mean is None))
+    return tuple(state)
 
 
 def stacked_cell_forward(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -152,7 +151,7 @@ class _EdgeMix(torch.autograd.Function):
         for scale, out in zip(scales, outs, strict=True):
             total = scale * out if total is None else total + scale * out
         ctx.save_for_backward(weights, *outs, *scales)
-        ctx.rows, ctx.cols, ctx.C = rows, cols, C
+        ctx.rows, ctx.cols, ctx.C, ctx.weights_node = rows, cols, C, weights.grad_fn
         return tuple(total.split(C, 1))
 
     @staticmethod
@@ -160,12 +159,20 @@ class _EdgeMix(torch.autograd.Function):
         weights, *saved = ctx.saved_tensors
         outs, scales = saved[: len(ctx.cols)], saved[len(ctx.cols) :]
         C = ctx.C
-        grad_weights = torch.zeros_like(weights)
-        for e, row in enumerate(ctx.rows):
-            for col, out in zip(ctx.cols, outs, strict=True):
-                grad_weights[row, col] = (grads[e] * out[:, e * C : (e + 1) * C]).sum()
+        grad_weights = None
+        if ctx.needs_input_grad[0] and _reached(ctx.weights_node):
+            grad_weights = torch.zeros_like(weights)
+            for e, row in enumerate(ctx.rows):
+                for col, out in zip(ctx.cols, outs, strict=True):
+                    grad_weights[row, col] = (grads[e] * out[:, e * C : (e + 1) * C]).sum()
         grad = torch.cat(grads, 1)
         return grad_weights, None, None, *(grad * scale for scale in scales)
+
+
+def _reached(node: torch.autograd.graph.Node | None) -> bool:
+    """Whether the running backward pass needs the gradient of the tensor ``node`` made: ``autograd.grad(loss, α)``
+    does not need the weights', though they take gradients (torch's own nodes skip those too)."""
+    return node is None or torch._C._will_engine_execute_node(node)
 
 
 def _stacked_op(x: torch.Tensor, ops: Sequence[nn.Module]) -> torch.Tensor:
@@ -227,7 +234,7 @@ class _StackedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, edges: int, args: tuple) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.edges, ctx.args = edges, args
+        ctx.edges, ctx.args, ctx.weight_node = edges, args, weight.grad_fn
         ctx.grouped = _grouped_passes(x, weight, edges, args)
         return _conv(x, weight, edges, args, ctx.grouped[0])
 
@@ -238,7 +245,7 @@ class _StackedConv(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = _conv_grad(grad, x, weight, ctx.edges, ctx.args, ctx.grouped[1], 0)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and _reached(ctx.weight_node):
             grad_w = _conv_grad(grad, x, weight, ctx.edges, ctx.args, ctx.grouped[2], 1)
         return grad_x, grad_w, None, None
 
