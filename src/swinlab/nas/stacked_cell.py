@@ -13,7 +13,7 @@ and α's gradient is one product and sum per edge and operation, which :class:`_
 
 :func:`use_stacked` decides per call: gradients on, on the CPU, every edge a plain mixed operation of the official
 kinds, and a first-call check that the stacked cell gives the per-edge cell's values, gradients and BN statistics bit
-for bit on random inputs of these shapes. Strided edges (a reduction cell's first 8) always run edge by edge.
+for bit on random inputs of these shapes.
 """
 
 from __future__ import annotations
@@ -93,9 +93,6 @@ def stacked_cell_forward(cell: nn.Module, s0: torch.Tensor, s1: torch.Tensor, we
         while len(states) <= group[0]:
             complete(len(states) - 2)
         edges = [(i, j) for i in range(steps) for j in group if j < 2 + i]
-        if cell.reduction and group == [0, 1]:
-            totals.update(((i, j), cell._ops[offsets[i] + j](states[j], weights[offsets[i] + j])) for i, j in edges)
-            continue
         fanned = _FanOut.apply(tuple(group.index(j) for _, j in edges), len(kinds), *(states[j] for j in group))
         for j, passed in zip(group, fanned[: len(group)], strict=True):
             states[j] = passed
