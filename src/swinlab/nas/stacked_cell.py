@@ -251,8 +251,13 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, edges: int, args: tuple, groupe
     stride, padding, dilation, groups = args
     if grouped:
         return F.conv2d(x, weight, None, stride, padding, dilation, groups * edges)
-    parts = zip(x.chunk(edges, 1), weight.chunk(edges), strict=True)
+    parts = zip(_per_edge(x, edges), weight.chunk(edges), strict=True)
     return torch.cat([F.conv2d(a, w, None, stride, padding, dilation, groups) for a, w in parts], 1)
+
+
+def _per_edge(t: torch.Tensor, edges: int) -> tuple[torch.Tensor, ...]:
+    """Each edge's contiguous slice of a stacked tensor, made by one copy (the kernels want contiguous inputs)."""
+    return t.unflatten(1, (edges, -1)).transpose(0, 1).contiguous().unbind(0)
 
 
 def _conv_grad(
@@ -265,11 +270,11 @@ def _conv_grad(
         return torch.ops.aten.convolution_backward(
             grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups * edges, mask
         )[which]
-    parts = zip(grad.chunk(edges, 1), x.chunk(edges, 1), weight.chunk(edges), strict=True)
+    parts = zip(_per_edge(grad, edges), _per_edge(x, edges), weight.chunk(edges), strict=True)
     grads = [
-        torch.ops.aten.convolution_backward(
-            g.contiguous(), a.contiguous(), w, None, stride, padding, dilation, False, [0, 0], groups, mask
-        )[which]
+        torch.ops.aten.convolution_backward(g, a, w, None, stride, padding, dilation, False, [0, 0], groups, mask)[
+            which
+        ]
         for g, a, w in parts
     ]
     return torch.cat(grads, 1 - which)
