@@ -2,7 +2,8 @@
 channels, and ACA's channel allocation.
 
 Operations (:mod:`~swinlab.nas.operations`), genotypes (:mod:`~swinlab.nas.genotypes`), the search super-net and
-its architect (:mod:`~swinlab.nas.model_search`, :mod:`~swinlab.nas.architect`), the evaluation networks
+its architect (:mod:`~swinlab.nas.model_search`, :mod:`~swinlab.nas.architect`; on the CPU the cells run the edges
+reading the same states together, with the same numbers: :mod:`~swinlab.nas.stacked_cell`), the evaluation networks
 (:mod:`~swinlab.nas.model_eval`), PC-DARTS (:mod:`~swinlab.nas.pc`) and ACA (:mod:`~swinlab.nas.aca`). Importing
 the package registers ``darts_v2_cifar``, ``darts_v2_imagenet``, ``darts_cifar`` and ``darts_search``.
 """

@@ -299,8 +299,8 @@ def darts_search(
     ``primitives``: a search space by name (``darts``: the official eight; ``aca``: without ``skip_connect``) or a
     list of operations; ``variant``: ``darts`` (every channel through every mixed edge) or ``pc`` (PC-DARTS: 1 /
     ``partial_channels`` of the channels through each edge, edge normalisation); ``fast_convolutions``: see
-    :func:`~swinlab.nas.operations.use_fast_convolutions` (second-order search 1.28-1.34x the official's speed at 2
-    threads instead of 1.18x, numbers as close to float64 as the official's but not equal to them)."""
+    :func:`~swinlab.nas.operations.use_fast_convolutions` (numbers as close to float64 as the official's but not
+    equal to them; no faster than the default's stacked cells at search sizes, ``benchmarks/RESULTS.md``)."""
     if isinstance(primitives, str):
         if primitives not in SEARCH_SPACES:
             raise ValueError(f"unknown search space {primitives!r}; known: {', '.join(SEARCH_SPACES)}")

@@ -160,8 +160,9 @@ def use_fast_convolutions(module: nn.Module) -> nn.Module:
     Opt-in, because the official code's numbers are the contract by default: these sum in another order than torch's
     kernels, so a second-order DARTS α gradient, whose finite difference amplifies fp32 rounding, moves by the same
     amount as the official code's own does between 1 and 2 threads (as far from the float64 result as the official's;
-    first order stays within 1e-9). The second-order DARTS search iteration at 2 threads: 1.18x → 1.28-1.34x the
-    official's speed (``benchmarks/RESULTS.md``)."""
+    first order stays within 1e-9). Search cells with these run edge by edge (the stacked cells of
+    :mod:`~swinlab.nas.stacked_cell` use torch's kernels), and at the benchmark's search size the second-order
+    iteration is no faster than the default's (1.29x against 1.30-1.33x the official's; ``benchmarks/RESULTS.md``)."""
     for parent in list(module.modules()):
         for name, conv in list(parent.named_children()):
             if type(conv) is not nn.Conv2d or conv.bias is not None or conv.padding_mode != "zeros":
