@@ -37,8 +37,9 @@ class MixedOp(nn.Module):
     """Σ_o w_o · o(x) over the search space; pools get a non-affine BN (the official search space).
 
     Bit-exact to the official sum, with less work: ``none`` adds ``w · 0`` (zeros, whose gradients are zeros) and is
-    skipped; the pools take torch's faster kernels for the same numbers (:class:`_MaxPool`, :class:`_AvgPool`, whose
-    backward is made of differentiable ops, so higher-order gradients still work); everything else keeps the
+    skipped; the pools take torch's faster kernels for the same numbers
+    (:func:`~swinlab.nas.operations.apply_pool`, whose backward is made of differentiable ops, so higher-order
+    gradients still work); everything else keeps the
     official layout and kernels (BN's channels-last statistics sum in another order)."""
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES) -> None:
